@@ -1,0 +1,132 @@
+"""Backend choice, input validation and small shared helpers for every public op.
+
+Backends (DESIGN.md): "auto" picks the Triton kernel for CUDA/ROCm tensors when Triton imports and
+the torch fallback otherwise; "triton" forces the kernel (on CPU tensors only under the interpreter,
+TRITON_INTERPRET=1); "torch" forces the fallback. The environment variable TRITONLAB_BACKEND sets
+what "auto" means, so a whole program can be switched without code changes; an explicit
+backend="triton"/"torch" argument always wins over it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import ACTIVATION_CODES, HAS_TRITON, interpreting
+
+BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Return "triton" or "torch" for an op whose tensors live on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("TRITONLAB_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"TRITONLAB_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and HAS_TRITON) else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs Triton, which is not installed here")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"backend='triton' got tensors on {device}; Triton kernels run on CUDA/ROCm tensors, "
+                "or on CPU tensors under the interpreter (set TRITON_INTERPRET=1 before importing triton)"
+            )
+    return backend
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = FLOAT_DTYPES,
+) -> torch.Tensor:
+    """Raise TypeError/ValueError naming `name` unless `t` is a tensor of the wanted rank and dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
+    """Raise ValueError naming `name` unless t.shape == expected."""
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors (None skipped) on one device; returns it. The error names the odd one out."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; put all inputs on one device")
+    return first.device
+
+
+def check_activation(activation: str | None, allowed: Iterable[str | None] = ("relu", "gelu", "silu", "gelu_tanh", None, "none", "identity")) -> int:
+    """Validate an activation name and return its kernel code."""
+    allowed = tuple(allowed)
+    if activation not in allowed or activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {allowed}, got {activation!r}")
+    return ACTIVATION_CODES[activation]
+
+
+def torch_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The torch version of the kernels' activation epilogue (same names, same math)."""
+    if activation in (None, "none", "identity"):
+        return x
+    if activation == "relu":
+        return F.relu(x)
+    if activation == "gelu":  # x * Phi(x) through erfc: F.gelu's 1 + erf(.) loses the tail x < -3
+        return x * (0.5 * torch.special.erfc(x * -0.7071067811865476))
+    if activation == "gelu_tanh":  # 0.5 (1 + tanh(u)) = sigmoid(2u), no cancellation in the tail
+        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    if activation == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def flatten_tokens(name: str, x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """[..., D] -> ([T, D] contiguous, leading shape). Checks the last dim against `width` if given."""
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dim [..., D], got a 0-d tensor")
+    if width is not None and x.shape[-1] != width:
+        raise ValueError(f"{name} has last dim {x.shape[-1]}, expected {width}")
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, x.shape[-1]).contiguous(), lead
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# Tests set this (tritonlab.kernels._backend.POISON_OUTPUTS = True) so that every launcher allocates
+# its outputs filled with NaN (floats) or -1 (ints): an element a kernel forgets to write then fails
+# the reference check instead of passing on leftover memory.
+POISON_OUTPUTS = False
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for kernel outputs, poisoned when POISON_OUTPUTS is set."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out

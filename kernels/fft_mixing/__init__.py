@@ -1,0 +1,1 @@
+"""Kernel family 'fft_mixing' (being written; see its issue). Exports nothing yet."""

@@ -1,0 +1,1 @@
+"""Kernel family 'grouped_gemm' (being written; see its issue). Exports nothing yet."""

@@ -1,0 +1,1 @@
+"""Kernel family 'quantized' (being written; see its issue). Exports nothing yet."""

@@ -1,0 +1,112 @@
+"""Torch fallbacks for tree routing: vectorized, no Python loop over tokens or leaves.
+
+Routing walks the tree in stages of `stage` levels (4 by default). In a stage, each token needs
+the 2**stage - 1 nodes of the subtree under its current node; tokens are grouped by that subtree
+root and one batched matmul gives every token's logits for its whole subtree at once (16 columns:
+15 nodes and a zero pad, a shape the CPU BLAS handles far better than 15). The walk inside the
+subtree is then a few gathers on a [T, 16] tensor. So x is read once per 4 levels instead of once
+per level, and no [T, D] gather of node rows is ever built. Logits are computed in float32.
+
+Leaf MLPs run as padded grouped matmuls (see kernels/_grouping.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import torch_activation
+from .._grouping import PaddedGroups
+
+ROUTE_STAGE = 4
+
+
+def _subtree_table(level: int, span: int, pad_index: int, device: torch.device) -> torch.Tensor:
+    """[2**level, 2**span] heap ids of the nodes of each subtree rooted at `level` (BFS order, last col = pad)."""
+    roots = torch.arange(2**level, device=device) + (2**level - 1)
+    cols = []
+    for j in range(span):
+        i = torch.arange(2**j, device=device)
+        cols.append((roots[:, None] + 1) * 2**j - 1 + i[None, :])
+    cols.append(torch.full((2**level, 1), pad_index, device=device, dtype=torch.int64))
+    return torch.cat(cols, dim=1)
+
+
+def tree_walk_torch(x: torch.Tensor, node_weight: torch.Tensor, node_bias: torch.Tensor | None,
+                    levels: int, record_path: bool = False, stage: int = ROUTE_STAGE):
+    """Walk `levels` levels. Returns (final heap node [T] int64, path nodes [T, levels] | None, path logits | None)."""
+    t, d = x.shape
+    dev = x.device
+    n_nodes = node_weight.shape[0]
+    xf = x.float()
+    w_ext = torch.cat([node_weight.float(), node_weight.new_zeros(1, d, dtype=torch.float32)])
+    b_ext = torch.zeros(n_nodes + 1, device=dev) if node_bias is None else torch.cat([node_bias.float(), node_bias.new_zeros(1, dtype=torch.float32)])
+    node = torch.zeros(t, dtype=torch.int64, device=dev)
+    path_nodes = torch.empty(t, levels, dtype=torch.int64, device=dev) if record_path else None
+    path_logits = torch.empty(t, levels, dtype=torch.float32, device=dev) if record_path else None
+    level = 0
+    while level < levels:
+        span = min(stage, levels - level)
+        table = _subtree_table(level, span, n_nodes, dev)
+        if level == 0:
+            logits = torch.addmm(b_ext[table[0]], xf, w_ext.index_select(0, table[0]).T)
+        else:
+            groups = PaddedGroups.build(node - (2**level - 1), 2**level, row_bytes=d + 2**span,
+                                        group_bytes=d * 2**span)
+            ids = groups.per_tile(table)  # [tiles, 2**span]
+            w_tiles = w_ext.index_select(0, ids.reshape(-1)).view(*ids.shape, d)
+            tiles = torch.bmm(groups.pad(xf), w_tiles.transpose(1, 2)) + b_ext[ids][:, None, :]
+            logits = groups.unpad(tiles)
+        local = torch.zeros(t, 1, dtype=torch.int64, device=dev)  # BFS index inside the subtree
+        for j in range(span):
+            logit = logits.gather(1, local).squeeze(1)
+            if record_path:
+                path_nodes[:, level + j] = (node + 1) * 2**j - 1 + (local.squeeze(1) - (2**j - 1))
+                path_logits[:, level + j] = logit
+            local = 2 * local + 1 + (logit >= 0).unsqueeze(1)
+        node = (node + 1) * 2**span - 1 + (local.squeeze(1) - (2**span - 1))
+        level += span
+    return node, path_nodes, path_logits
+
+
+def tree_route_torch(x, node_weight, node_bias):
+    depth = (node_weight.shape[0] + 1).bit_length() - 1
+    node, _, _ = tree_walk_torch(x, node_weight, node_bias, depth)
+    return (node - (2**depth - 1)).to(torch.int32)
+
+
+def leaf_mlp_torch(x, leaf, w1, b1, w2, b2, activation):
+    """y[t] = act(x[t] @ w1[l] + b1[l]) @ w2[l] + b2[l], l = leaf[t]; padded grouped matmuls.
+
+    On the CPU, half-precision inputs are computed in float32 (CPU half matmuls are slow and
+    round the hidden layer); on CUDA in the input dtype with float32 accumulation (cuBLAS).
+    """
+    compute = torch.float32 if (x.device.type == "cpu" and x.dtype != torch.float32) else x.dtype
+    d, h, o = w1.shape[1], w1.shape[2], w2.shape[2]
+    groups = PaddedGroups.build(leaf, w1.shape[0], row_bytes=d + h + o, group_bytes=d * h + h * o)
+    xt = groups.pad(x.to(compute))
+    h = _bmm_bias(xt, groups.per_tile(w1).to(compute), None if b1 is None else groups.per_tile(b1).to(compute))
+    h = torch_activation(h, activation)
+    y = _bmm_bias(h, groups.per_tile(w2).to(compute), None if b2 is None else groups.per_tile(b2).to(compute))
+    return groups.unpad(y).to(x.dtype)
+
+
+def _bmm_bias(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a [n, r, k] @ w [n, k, c] (+ bias [n, c] broadcast over r; baddbmm with a broadcast bias measured 2x slower on CPU)."""
+    out = torch.bmm(a, w)
+    if bias is not None:
+        out += bias[:, None, :]
+    return out
+
+
+def fff_forward_torch(x, node_weight, node_bias, w1, b1, w2, b2, activation):
+    leaf = tree_route_torch(x, node_weight, node_bias)
+    return leaf_mlp_torch(x, leaf.long(), w1, b1, w2, b2, activation), leaf
+
+
+def fff_path_forward_torch(x, w_in, w_out, b_in, activation):
+    levels = (w_in.shape[0] + 1).bit_length() - 1
+    _, nodes, logits = tree_walk_torch(x, w_in, b_in, levels, record_path=True)
+    coeff = torch_activation(logits, activation)
+    # a weighted sum of gathered w_out rows without materializing [T, levels, O]
+    y = F.embedding_bag(nodes, w_out.float(), per_sample_weights=coeff, mode="sum")
+    return y.to(x.dtype)

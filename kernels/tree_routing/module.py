@@ -1,0 +1,127 @@
+"""FastFeedForward: the FFF layer of Belcak & Wattenhofer, trained soft, run hard through the kernels."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._backend import check_activation, torch_activation
+from .ops import fff_forward
+
+
+class FastFeedForward(nn.Module):
+    """A binary tree of `2**depth - 1` node neurons over `2**depth` leaf MLPs of width `leaf_width`.
+
+    Training (module.training): the soft tree of the FFF paper; each node gives sigmoid(logit) to
+    its right subtree and 1 - sigmoid to its left, and the output is the mixture of all leaves
+    (dense, as the paper trains). With `train_hardened=True` the node decisions are rounded (0/1).
+    Inference (eval mode): hard routing through `fff_forward`, so each token runs only its leaf.
+
+    `master_leaf_width` > 0 adds a master leaf (Charalampopoulos et al., "Enhancing Fast Feed
+    Forward Networks with Load Balancing and a Master Leaf Node"): a dense MLP of that width that
+    every token passes through, added to its routed leaf's output.
+
+    Parameters follow the `fastfeedforward` package's shapes: node_weight [N, D], node_bias [N],
+    w1 [L, D, H], b1 [L, H], w2 [L, H, O], b2 [L, O].
+    """
+
+    def __init__(self, input_width: int, leaf_width: int, output_width: int, depth: int,
+                 activation: str = "relu", *, master_leaf_width: int = 0, train_hardened: bool = False,
+                 dropout: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        for name, v in (("input_width", input_width), ("leaf_width", leaf_width), ("output_width", output_width)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        check_activation(activation)
+        self.input_width, self.leaf_width, self.output_width, self.depth = input_width, leaf_width, output_width, depth
+        self.activation, self.train_hardened, self.backend = activation, train_hardened, backend
+        self.dropout = nn.Dropout(dropout)
+        n_nodes, n_leaves = 2**depth - 1, 2**depth
+        s1, s2 = 1.0 / math.sqrt(input_width), 1.0 / math.sqrt(leaf_width)
+        self.node_weight = nn.Parameter(torch.empty(n_nodes, input_width).uniform_(-s1, s1))
+        self.node_bias = nn.Parameter(torch.empty(n_nodes).uniform_(-s1, s1))
+        self.w1 = nn.Parameter(torch.empty(n_leaves, input_width, leaf_width).uniform_(-s1, s1))
+        self.b1 = nn.Parameter(torch.empty(n_leaves, leaf_width).uniform_(-s1, s1))
+        self.w2 = nn.Parameter(torch.empty(n_leaves, leaf_width, output_width).uniform_(-s2, s2))
+        self.b2 = nn.Parameter(torch.empty(n_leaves, output_width).uniform_(-s2, s2))
+        self.master: Optional[nn.Sequential] = None
+        if master_leaf_width > 0:
+            self.master = nn.Sequential(nn.Linear(input_width, master_leaf_width), _Activation(activation),
+                                        nn.Linear(master_leaf_width, output_width))
+
+    @classmethod
+    def from_fastfeedforward(cls, module: nn.Module, *, backend: str = "auto") -> "FastFeedForward":
+        """Copy a `fastfeedforward.FFF` (PyPI package 0.2.1) into this layer.
+
+        The eval output equals that module's hard-decision forward *including* b2s
+        (`training_forward(x, use_hard_decisions=True)`; its `eval_forward` drops b2s).
+        """
+        act = module.activation
+        if isinstance(act, nn.ReLU):
+            name = "relu"
+        elif isinstance(act, nn.GELU):
+            name = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+        elif isinstance(act, nn.SiLU):
+            name = "silu"
+        else:
+            raise ValueError(f"module.activation {type(act).__name__} has no kernel equivalent (relu, gelu, silu)")
+        depth = int(module.depth.item() if torch.is_tensor(module.depth) else module.depth)
+        out = cls(module.input_width, module.leaf_width, module.output_width, depth, name, backend=backend)
+        with torch.no_grad():
+            out.node_weight.copy_(module.node_weights)
+            out.node_bias.copy_(module.node_biases.reshape(-1))
+            for mine, theirs in ((out.w1, module.w1s), (out.b1, module.b1s), (out.w2, module.w2s), (out.b2, module.b2s)):
+                mine.copy_(theirs)
+        return out.to(module.node_weights.device)
+
+    def forward(self, x: torch.Tensor, return_leaf_counts: bool = False):
+        """x [..., input_width] -> [..., output_width] (and int64 [2**depth] leaf counts on request)."""
+        counts = None
+        if self.training:
+            y = self._soft_forward(x)
+            if return_leaf_counts:
+                from .ops import tree_route
+                leaf = tree_route(x.detach(), self.node_weight.detach().to(x.dtype), self.node_bias.detach().to(x.dtype),
+                                  backend=self.backend).reshape(-1).long()
+                counts = torch.bincount(leaf, minlength=2**self.depth)
+        else:
+            p = [t.to(x.dtype) for t in (self.node_weight, self.node_bias, self.w1, self.b1, self.w2, self.b2)]
+            y = fff_forward(x, *p, self.activation, return_leaf_counts=return_leaf_counts, backend=self.backend)
+            if return_leaf_counts:
+                y, counts = y
+        if self.master is not None:
+            y = y + self.master(x)
+        return (y, counts) if return_leaf_counts else y
+
+    def leaf_mixture(self, x2: torch.Tensor) -> torch.Tensor:
+        """[T, 2**depth] leaf weights of the soft (or hardened) tree; rows sum to 1."""
+        mix = x2.new_ones(x2.shape[0], 1)
+        for level in range(self.depth):
+            lo, hi = 2**level - 1, 2 ** (level + 1) - 1
+            p_right = torch.sigmoid(x2 @ self.node_weight[lo:hi].T + self.node_bias[lo:hi])
+            if self.train_hardened:
+                p_right = torch.round(p_right)
+            # children of level node j are 2j (left) and 2j + 1 (right) on the next level
+            mix = torch.stack((mix * (1 - p_right), mix * p_right), dim=-1).flatten(1)
+        return mix
+
+    def _soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.input_width)
+        mix = self.leaf_mixture(x2)  # [T, L]
+        h = torch.einsum("td,ldh->tlh", x2, self.w1) + self.b1
+        h = self.dropout(torch_activation(h, self.activation))
+        y = torch.einsum("tlh,lho->to", h * mix[:, :, None], self.w2) + mix @ self.b2
+        return y.reshape(*x.shape[:-1], self.output_width)
+
+
+class _Activation(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch_activation(x, self.name)

@@ -1,0 +1,361 @@
+"""Public tree-routing ops: validation, backend dispatch, Triton launchers, torch.library registration.
+
+Each op is a `torch.library.custom_op` (`tritonlab::tree_route`, `tritonlab::fff_forward`,
+`tritonlab::fff_path_forward`) with a fake implementation, so `torch.compile(fullgraph=True)` keeps
+it in the graph as one opaque node. The Python wrapper around it validates inputs (names in every
+error), flattens leading dims and handles T = 0; the custom op picks the backend and runs.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .._accuracy import rel_error, tolerance
+from .._backend import (FLOAT_DTYPES, check_activation, check_same_device, check_shape, check_tensor,
+                        flatten_tokens, new_output, next_pow2, resolve_backend)
+from .._triton import interpreting, triton
+from .._tuning import TunableKernel, lookup_config, register
+from . import fallback, reference
+from .triton_kernels import fff_fused_kernel, path_accumulate_kernel, tree_walk_kernel
+
+MAX_DEPTH = 24
+#: token counts up to this take the fused route-plus-leaf kernel; larger batches route, then group
+DECODE_MAX_TOKENS = 64
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _tree_depth(name: str, w: torch.Tensor, extra_level: bool = False) -> int:
+    """Depth of a heap-ordered tree with w.shape[0] = 2**k - 1 node rows (k = depth, or depth+1)."""
+    n = w.shape[0]
+    k = (n + 1).bit_length() - 1
+    if 2**k - 1 != n or k > MAX_DEPTH + int(extra_level):
+        what = "2**(depth+1) - 1" if extra_level else "2**depth - 1"
+        raise ValueError(f"{name} must have {what} rows (a full binary tree, depth <= {MAX_DEPTH}), got {n}")
+    return k
+
+
+def _check_tree_inputs(x, node_weight, node_bias, w_name="node_weight", b_name="node_bias", extra_level=False):
+    check_tensor("x", x)
+    check_tensor(w_name, node_weight, ndim=2)
+    levels = _tree_depth(w_name, node_weight, extra_level)
+    if node_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{w_name} has width {node_weight.shape[1]} but x has last dim {x.shape[-1]}")
+    if node_bias is not None:
+        check_tensor(b_name, node_bias, ndim=1)
+        check_shape(b_name, node_bias, (node_weight.shape[0],))
+    _check_same_dtype(x, **{w_name: node_weight, b_name: node_bias})
+    return levels
+
+
+def _check_same_dtype(x: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass all float tensors in one dtype")
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _route_default(shape) -> dict:
+    t, d, depth = shape["T"], shape["D"], shape["depth"]
+    return {"BLOCK_T": 32 if t >= 4096 else 16, "BLOCK_D": max(16, min(128, next_pow2(d))),
+            "DENSE_LEVELS": min(depth, 4) if t >= 256 else 0, "num_warps": 4}
+
+
+def _route_space(shape) -> list[dict]:
+    d, depth = shape["D"], shape["depth"]
+    out = []
+    for bt, bd, dl, nw in itertools.product((16, 32, 64), (32, 64, 128, 256), (0, 2, 3, 4, 5, 6), (2, 4, 8)):
+        if bd > max(16, next_pow2(d)) or dl > depth or (bt == 64 and bd == 256):
+            continue
+        out.append({"BLOCK_T": bt, "BLOCK_D": bd, "DENSE_LEVELS": dl, "num_warps": nw})
+    return out
+
+
+def _fused_default(shape) -> dict:
+    return {"BLOCK_D": max(16, min(64, next_pow2(shape["D"]))), "BLOCK_H": max(16, min(32, next_pow2(shape["H"]))),
+            "BLOCK_O": max(16, min(128, next_pow2(shape["O"]))), "num_warps": 4}
+
+
+def _fused_space(shape) -> list[dict]:
+    out = []
+    for bd, bh, bo, nw in itertools.product((32, 64, 128), (16, 32, 64), (64, 128, 256), (2, 4, 8)):
+        if bd > max(16, next_pow2(shape["D"])) or bh > max(16, next_pow2(shape["H"])) or bo > max(16, next_pow2(shape["O"])):
+            continue
+        if bd * bh > 8192 or bh * bo > 16384:  # register tiles beyond this spill
+            continue
+        out.append({"BLOCK_D": bd, "BLOCK_H": bh, "BLOCK_O": bo, "num_warps": nw})
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton launchers
+
+def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, config: Optional[dict] = None):
+    t, d = x.shape
+    cfg = config or lookup_config("tree_route", {"T": t, "D": d, "depth": levels}, x.dtype, x.device)
+    dense = min(cfg["DENSE_LEVELS"], levels)
+    leaf = new_output((t,), torch.int32, x.device) if store_leaf else x
+    path_nodes = new_output((t, levels), torch.int32, x.device) if store_path else x
+    path_logits = new_output((t, levels), torch.float32, x.device) if store_path else x
+    grid = (triton.cdiv(t, cfg["BLOCK_T"]),)
+    tree_walk_kernel[grid](
+        x, w, w if b is None else b, leaf, path_nodes, path_logits, t, d, x.stride(0), w.stride(0),
+        LEVELS=levels, HAS_BIAS=b is not None, STORE_LEAF=store_leaf, STORE_PATH=store_path,
+        DENSE_LEVELS=dense, DENSE_COLS=max(16, next_pow2(2**dense - 1)),
+        UPCAST_DOT=(x.dtype == torch.float32 or interpreting()),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return leaf, path_nodes, path_logits
+
+
+def _fff_fused_triton(x, nw, nb, w1, b1, w2, b2, activation, config: Optional[dict] = None):
+    t, d = x.shape
+    depth = (nw.shape[0] + 1).bit_length() - 1
+    h, o = w1.shape[2], w2.shape[2]
+    cfg = config or lookup_config("fff_decode", {"T": t, "D": d, "H": h, "O": o, "depth": depth}, x.dtype, x.device)
+    y = new_output((t, o), x.dtype, x.device)
+    leaf = new_output((t,), torch.int32, x.device)
+    grid = (t, triton.cdiv(o, cfg["BLOCK_O"]))
+    fff_fused_kernel[grid](
+        x, nw, x if nb is None else nb, w1, x if b1 is None else b1, w2, x if b2 is None else b2, y, leaf,
+        d, h, o, x.stride(0), nw.stride(0), y.stride(0),
+        DEPTH=depth, HAS_NB=nb is not None, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+        ACT=check_activation(activation), BLOCK_D=cfg["BLOCK_D"], BLOCK_H=cfg["BLOCK_H"], BLOCK_O=cfg["BLOCK_O"],
+        num_warps=cfg["num_warps"])
+    return y, leaf
+
+
+def _path_forward_triton(x, w_in, w_out, b_in, activation):
+    t = x.shape[0]
+    o = w_out.shape[1]
+    levels = (w_in.shape[0] + 1).bit_length() - 1
+    _, nodes, logits = _walk_triton(x, w_in, b_in, levels, store_leaf=False, store_path=True)
+    y = new_output((t, o), x.dtype, x.device)
+    block_t, block_o = 16, max(16, min(128, next_pow2(o)))
+    grid = (triton.cdiv(t, block_t), triton.cdiv(o, block_o))
+    path_accumulate_kernel[grid](nodes, logits, w_out, y, t, o, w_out.stride(0), y.stride(0),
+                                 LEVELS=levels, ACT=check_activation(activation),
+                                 BLOCK_T=block_t, BLOCK_O=block_o, num_warps=4)
+    return y
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("tritonlab::tree_route", mutates_args=())
+def _tree_route_op(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor],
+                   backend: str) -> torch.Tensor:
+    depth = (node_weight.shape[0] + 1).bit_length() - 1
+    if depth == 0:
+        return torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    if resolve_backend(backend, x.device) == "triton":
+        return _walk_triton(x, node_weight, node_bias, depth, store_leaf=True, store_path=False)[0]
+    return fallback.tree_route_torch(x, node_weight, node_bias)
+
+
+@_tree_route_op.register_fake
+def _(x, node_weight, node_bias, backend):
+    return x.new_empty(x.shape[0], dtype=torch.int32)
+
+
+@torch.library.custom_op("tritonlab::fff_forward", mutates_args=())
+def _fff_forward_op(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor],
+                    w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+                    activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if resolve_backend(backend, x.device) == "torch":
+        return fallback.fff_forward_torch(x, node_weight, node_bias, w1, b1, w2, b2, activation)
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        return _fff_fused_triton(x, node_weight, node_bias, w1, b1, w2, b2, activation)
+    depth = (node_weight.shape[0] + 1).bit_length() - 1
+    if depth == 0:
+        leaf = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    else:
+        leaf = _walk_triton(x, node_weight, node_bias, depth, store_leaf=True, store_path=False)[0]
+    # Interim grouped leaf compute (padded batched matmuls) until the grouped-GEMM family lands.
+    return fallback.leaf_mlp_torch(x, leaf.long(), w1, b1, w2, b2, activation), leaf
+
+
+@_fff_forward_op.register_fake
+def _(x, node_weight, node_bias, w1, b1, w2, b2, activation, backend):
+    return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(x.shape[0], dtype=torch.int32)
+
+
+@torch.library.custom_op("tritonlab::fff_path_forward", mutates_args=())
+def _fff_path_forward_op(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: Optional[torch.Tensor],
+                         activation: str, backend: str) -> torch.Tensor:
+    if resolve_backend(backend, x.device) == "triton":
+        return _path_forward_triton(x, w_in, w_out, b_in, activation)
+    return fallback.fff_path_forward_torch(x, w_in, w_out, b_in, activation)
+
+
+@_fff_path_forward_op.register_fake
+def _(x, w_in, w_out, b_in, activation, backend):
+    return x.new_empty(x.shape[0], w_out.shape[1])
+
+
+# ----------------------------------------------------------------------------- public API
+
+def tree_route(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor] = None,
+               *, backend: str = "auto") -> torch.Tensor:
+    """Leaf index of each token in a heap-ordered binary tree of node neurons.
+
+    Args:
+        x: [..., D] float32/float16/bfloat16 tokens.
+        node_weight: [2**depth - 1, D] node neurons in heap order (node i has children 2i+1, 2i+2).
+        node_bias: optional [2**depth - 1].
+        backend: "auto" | "triton" | "torch" (see DESIGN.md).
+    Returns:
+        int32 [...]: leaf in [0, 2**depth). At node i the token goes right (2i+2) when
+        x . node_weight[i] + node_bias[i] >= 0, else left. Logits are accumulated in float32.
+    """
+    _check_tree_inputs(x, node_weight, node_bias)
+    x2, lead = flatten_tokens("x", x)
+    check_same_device(x=x, node_weight=node_weight, node_bias=node_bias)
+    if x2.shape[0] == 0:
+        return torch.zeros(lead, dtype=torch.int32, device=x.device)
+    out = _tree_route_op(x2, node_weight.contiguous(), None if node_bias is None else node_bias.contiguous(), backend)
+    return out.reshape(lead)
+
+
+def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor],
+                w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+                activation: Optional[str] = "relu", *, return_leaf_counts: bool = False, backend: str = "auto"):
+    """Fast Feedforward layer (hard routing): each token runs only its leaf's MLP.
+
+    Args:
+        x: [..., D] float32/float16/bfloat16.
+        node_weight: [2**depth - 1, D]; node_bias: [2**depth - 1] or None (routing as in tree_route).
+        w1: [L, D, H], b1: [L, H] or None, w2: [L, H, O], b2: [L, O] or None, with L = 2**depth.
+        activation: "relu" | "gelu" | "gelu_tanh" | "silu" | None.
+        return_leaf_counts: also return int64 [L], the number of tokens routed to each leaf (the
+            load-balance statistic of Charalampopoulos et al.).
+    Returns:
+        [..., O] in x's dtype: act(x @ w1[l] + b1[l]) @ w2[l] + b2[l] for each token's leaf l
+        (float32 accumulation); with return_leaf_counts, (y, counts).
+
+    Small batches (T <= 64) run one fused route-plus-leaf kernel; larger ones route, then run the
+    leaves as a grouped computation.
+    """
+    depth = _check_tree_inputs(x, node_weight, node_bias)
+    n_leaves = 2**depth
+    check_tensor("w1", w1, ndim=3)
+    check_tensor("w2", w2, ndim=3)
+    d = x.shape[-1]
+    if w1.shape[0] != n_leaves or w2.shape[0] != n_leaves:
+        raise ValueError(f"w1 and w2 must have 2**depth = {n_leaves} leaves (dim 0), got {w1.shape[0]} and {w2.shape[0]}")
+    if w1.shape[1] != d:
+        raise ValueError(f"w1 must be [L, D={d}, H], got {tuple(w1.shape)}")
+    h, o = w1.shape[2], w2.shape[2]
+    if w2.shape[1] != h:
+        raise ValueError(f"w2 must be [L, H={h}, O] to match w1, got {tuple(w2.shape)}")
+    if b1 is not None:
+        check_tensor("b1", b1)
+        check_shape("b1", b1, (n_leaves, h))
+    if b2 is not None:
+        check_tensor("b2", b2)
+        check_shape("b2", b2, (n_leaves, o))
+    _check_same_dtype(x, w1=w1, b1=b1, w2=w2, b2=b2)
+    check_activation(activation)
+    check_same_device(x=x, node_weight=node_weight, node_bias=node_bias, w1=w1, b1=b1, w2=w2, b2=b2)
+    x2, lead = flatten_tokens("x", x)
+    if x2.shape[0] == 0:
+        y = x.new_zeros(*lead, o)
+        leaf = torch.zeros(0, dtype=torch.int64, device=x.device)
+    else:
+        c = [None if t is None else t.contiguous() for t in (node_weight, node_bias, w1, b1, w2, b2)]
+        y, leaf = _fff_forward_op(x2, *c, activation or "none", backend)
+        y = y.reshape(*lead, o)
+    if not return_leaf_counts:
+        return y
+    counts = torch.zeros(n_leaves, dtype=torch.int64, device=x.device)
+    counts.index_add_(0, leaf.long(), torch.ones_like(leaf, dtype=torch.int64))
+    return y, counts
+
+
+def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: Optional[torch.Tensor] = None,
+                     activation: Optional[str] = "gelu", *, backend: str = "auto") -> torch.Tensor:
+    """UltraFastBERT's conditional feed-forward: one neuron per node, summed along the path.
+
+    Args:
+        x: [..., D]; w_in: [N, D] and w_out: [N, O] with N = 2**(depth+1) - 1 (heap order); b_in: [N] or None.
+    Returns:
+        [..., O] in x's dtype: sum over the depth+1 nodes n on the token's root-to-leaf path of
+        act(logit_n) * w_out[n], where logit_n = x . w_in[n] + b_in[n] also decides the next child
+        (>= 0 goes right).
+    """
+    _check_tree_inputs(x, w_in, b_in, "w_in", "b_in", extra_level=True)
+    check_tensor("w_out", w_out, ndim=2)
+    if w_out.shape[0] != w_in.shape[0]:
+        raise ValueError(f"w_out must have one row per node ({w_in.shape[0]}), got {w_out.shape[0]}")
+    _check_same_dtype(x, w_out=w_out)
+    check_activation(activation)
+    check_same_device(x=x, w_in=w_in, w_out=w_out, b_in=b_in)
+    x2, lead = flatten_tokens("x", x)
+    o = w_out.shape[1]
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, o)
+    y = _fff_path_forward_op(x2, w_in.contiguous(), w_out.contiguous(),
+                             None if b_in is None else b_in.contiguous(), activation or "none", backend)
+    return y.reshape(*lead, o)
+
+
+# ----------------------------------------------------------------------------- tuning registry
+
+def _route_inputs(shape, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape["T"], shape["D"], generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(2 ** shape["depth"] - 1, shape["D"], generator=g).to(device=device, dtype=dtype)
+    b = (0.1 * torch.randn(2 ** shape["depth"] - 1, generator=g)).to(device=device, dtype=dtype)
+    return {"x": x, "w": w, "b": b}
+
+
+def route_mismatch(x, w, b, leaf) -> float:
+    """Fraction of tokens whose leaf differs from the reference, ignoring near-ties (|logit| tiny)."""
+    ref = reference.tree_route_ref(*(t.float().cpu().numpy() for t in (x, w, b)))
+    margin = reference.route_margin_ref(*(t.float().cpu().numpy() for t in (x, w, b)))
+    tie = margin < (1e-2 if x.dtype != torch.float32 else 1e-5)
+    wrong = (leaf.cpu().numpy().astype(np.int64) != ref) & ~tie
+    return float(wrong.mean()) if wrong.size else 0.0
+
+
+register(TunableKernel(
+    name="tree_route", default=_route_default, space=_route_space, make_inputs=_route_inputs,
+    run=lambda inp, cfg: _walk_triton(inp["x"], inp["w"], inp["b"], inp["w"].shape[0].bit_length(), True, False, cfg)[0],
+    error=lambda inp, out: route_mismatch(inp["x"], inp["w"], inp["b"], out),
+    tolerance=lambda dtype: 0.0,
+    presets={"small": [{"T": 100, "D": 48, "depth": 4}],
+             "models": [{"T": 16384, "D": 768, "depth": 8}, {"T": 4096, "D": 1024, "depth": 11},
+                        {"T": 64, "D": 768, "depth": 8}],
+             "full": [{"T": t, "D": d, "depth": k} for t in (64, 1024, 16384) for d in (768, 4096) for k in (4, 8, 12, 16)]},
+))
+
+
+def _fused_inputs(shape, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n_leaves, d, h, o = 2 ** shape["depth"], shape["D"], shape["H"], shape["O"]
+
+    def r(*s, scale=1.0):
+        return (scale * torch.randn(*s, generator=g)).to(device=device, dtype=dtype)
+
+    return {"x": r(shape["T"], d), "nw": r(n_leaves - 1, d), "nb": r(n_leaves - 1, scale=0.1),
+            "w1": r(n_leaves, d, h, scale=d**-0.5), "b1": r(n_leaves, h, scale=0.1),
+            "w2": r(n_leaves, h, o, scale=h**-0.5), "b2": r(n_leaves, o, scale=0.1)}
+
+
+def _fused_error(inp, out) -> float:
+    args = [inp[k].float().cpu().numpy() for k in ("x", "nw", "nb", "w1", "b1", "w2", "b2")]
+    return rel_error(out, reference.fff_forward_ref(*args, "relu"))
+
+
+register(TunableKernel(
+    name="fff_decode", default=_fused_default, space=_fused_space, make_inputs=_fused_inputs,
+    run=lambda inp, cfg: _fff_fused_triton(inp["x"], inp["nw"], inp["nb"], inp["w1"], inp["b1"], inp["w2"],
+                                           inp["b2"], "relu", cfg)[0],
+    error=_fused_error, tolerance=lambda dtype: tolerance(dtype),
+    presets={"small": [{"T": 3, "D": 40, "H": 24, "O": 40, "depth": 3}],
+             "models": [{"T": 1, "D": 768, "H": 16, "O": 768, "depth": 8}, {"T": 64, "D": 768, "H": 16, "O": 768, "depth": 8},
+                        {"T": 16, "D": 4096, "H": 64, "O": 4096, "depth": 6}],
+             "full": [{"T": t, "D": d, "H": h, "O": d, "depth": k} for t in (1, 16, 64) for d in (768, 4096)
+                      for h in (16, 64, 256) for k in (4, 8, 12)]},
+))

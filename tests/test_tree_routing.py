@@ -1,0 +1,214 @@
+"""tree_route, fff_forward, fff_path_forward against the float64 NumPy references, both backends."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tritonlab
+from tritonlab.kernels.tree_routing import reference as ref
+from tritonlab.kernels._tuning import registered
+
+from helpers import DTYPES, assert_close, np64, rand, tolerance
+
+# A token whose logit at some node is within rounding of 0 may take either child in finite
+# precision; inputs are drawn so that every token clears this margin (relative to |x| |w|).
+MARGIN = 1e-3
+
+
+def separated_tokens(t, d, nw, nb, dtype, device):
+    """t random tokens (dtype) whose every routing decision clears MARGIN on the float64 reference."""
+    if t == 0 or nw.shape[0] == 0:
+        return rand(t, d, dtype=dtype, device=device)
+    kept = []
+    while sum(k.shape[0] for k in kept) < t:
+        x = rand(4 * t + 8, d, dtype=dtype, device=device)
+        ok = ref.route_margin_ref(np64(x), np64(nw), np64(nb)) >= MARGIN
+        kept.append(x[torch.from_numpy(ok).to(device)])
+    return torch.cat(kept)[:t]
+
+
+def tree(depth, d, dtype, device, extra_level=False):
+    n = 2 ** (depth + int(extra_level)) - 1
+    return rand(n, d, dtype=dtype, device=device), rand(n, dtype=dtype, device=device, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth", [0, 1, 4, 9])
+@pytest.mark.parametrize("t", [1, 37, 300])
+def test_tree_route_matches_reference(backend, device, dtype, depth, t):
+    d = 45
+    nw, nb = tree(depth, d, dtype, device)
+    x = separated_tokens(t, d, nw, nb, dtype, device)
+    leaf = tritonlab.tree_route(x, nw, nb, backend=backend)
+    assert leaf.dtype == torch.int32 and leaf.shape == (t,)
+    np.testing.assert_array_equal(leaf.cpu().numpy(), ref.tree_route_ref(np64(x), np64(nw), np64(nb)))
+
+
+def test_tree_route_depth_16_no_bias(backend, device):
+    d = 8
+    nw, _ = tree(16, d, torch.float32, device)
+    x = separated_tokens(5, d, nw, None, torch.float32, device)
+    leaf = tritonlab.tree_route(x, nw, backend=backend)
+    np.testing.assert_array_equal(leaf.cpu().numpy(), ref.tree_route_ref(np64(x), np64(nw), None))
+    assert leaf.max() < 2**16
+
+
+def test_tree_route_keeps_leading_dims_and_empty(backend, device):
+    nw, nb = tree(3, 20, torch.float32, device)
+    x = separated_tokens(6, 20, nw, nb, torch.float32, device).reshape(2, 3, 20)
+    leaf = tritonlab.tree_route(x, nw, nb, backend=backend)
+    assert leaf.shape == (2, 3)
+    np.testing.assert_array_equal(leaf.reshape(-1).cpu().numpy(), ref.tree_route_ref(np64(x.reshape(6, 20)), np64(nw), np64(nb)))
+    for shape in [(0, 20), (2, 0, 20)]:
+        empty = tritonlab.tree_route(rand(*shape, device=device), nw, nb, backend=backend)
+        assert empty.shape == shape[:-1] and empty.dtype == torch.int32
+
+
+@pytest.mark.parametrize("config", [
+    {"BLOCK_T": 16, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 2},
+    {"BLOCK_T": 32, "BLOCK_D": 16, "DENSE_LEVELS": 2, "num_warps": 4},
+    {"BLOCK_T": 16, "BLOCK_D": 64, "DENSE_LEVELS": 6, "num_warps": 4},
+])
+def test_tree_route_every_dense_split_is_exact(device, config):
+    """The tunable split (top levels as a tile product, the rest gathered) never changes a leaf."""
+    kernel = registered()["tree_route"]
+    nw, nb = tree(6, 70, torch.float32, device)
+    x = separated_tokens(53, 70, nw, nb, torch.float32, device)
+    out = kernel.run({"x": x, "w": nw, "b": nb}, config)
+    assert kernel.error({"x": x, "w": nw, "b": nb}, out) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth,t,activation", [
+    (0, 1, "relu"), (3, 1, "gelu"), (3, 37, "silu"), (7, 64, "relu"), (7, 150, "gelu"), (3, 200, "gelu_tanh"),
+])
+def test_fff_forward_matches_reference(backend, device, dtype, depth, t, activation):
+    d, h, o = 45, 19, 23
+    n_leaves = 2**depth
+    nw, nb = tree(depth, d, dtype, device)
+    x = separated_tokens(t, d, nw, nb, dtype, device)
+    w1, b1 = rand(n_leaves, d, h, dtype=dtype, device=device, scale=d**-0.5), rand(n_leaves, h, dtype=dtype, device=device)
+    w2, b2 = rand(n_leaves, h, o, dtype=dtype, device=device, scale=h**-0.5), rand(n_leaves, o, dtype=dtype, device=device)
+    y = tritonlab.fff_forward(x, nw, nb, w1, b1, w2, b2, activation, backend=backend)
+    assert y.dtype == dtype and y.shape == (t, o)
+    expected = ref.fff_forward_ref(*(np64(a) for a in (x, nw, nb, w1, b1, w2, b2)), activation)
+    assert_close(y, expected, tolerance(dtype))
+
+
+def test_fff_forward_without_biases_and_leaf_counts(backend, device):
+    depth, d, h, o, t = 4, 33, 8, 12, 90
+    nw, _ = tree(depth, d, torch.float32, device)
+    x = separated_tokens(t, d, nw, None, torch.float32, device)
+    w1, w2 = rand(16, d, h, device=device), rand(16, h, o, device=device)
+    y, counts = tritonlab.fff_forward(x, nw, None, w1, None, w2, None, None, return_leaf_counts=True, backend=backend)
+    assert_close(y, ref.fff_forward_ref(np64(x), np64(nw), None, np64(w1), None, np64(w2), None, None), tolerance(torch.float32))
+    leaves = ref.tree_route_ref(np64(x), np64(nw), None)
+    np.testing.assert_array_equal(counts.cpu().numpy(), np.bincount(leaves, minlength=16))
+    assert counts.sum() == t
+
+
+def test_fff_forward_depth_12_decode_and_batch(backend, device):
+    depth, d, h, o = 12, 16, 4, 8
+    nw, nb = tree(depth, d, torch.float32, device)
+    w1, b1 = rand(2**depth, d, h, device=device), rand(2**depth, h, device=device)
+    w2, b2 = rand(2**depth, h, o, device=device), rand(2**depth, o, device=device)
+    for t in (3, 100):
+        x = separated_tokens(t, d, nw, nb, torch.float32, device)
+        y = tritonlab.fff_forward(x, nw, nb, w1, b1, w2, b2, "relu", backend=backend)
+        assert_close(y, ref.fff_forward_ref(*(np64(a) for a in (x, nw, nb, w1, b1, w2, b2)), "relu"), tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth,t", [(0, 1), (3, 29), (6, 70)])
+def test_fff_path_forward_matches_reference(backend, device, dtype, depth, t):
+    d, o = 37, 26
+    w_in, b_in = tree(depth, d, dtype, device, extra_level=True)
+    w_out = rand(2 ** (depth + 1) - 1, o, dtype=dtype, device=device)
+    x = separated_tokens(t, d, w_in, b_in, dtype, device)
+    y = tritonlab.fff_path_forward(x, w_in, w_out, b_in, backend=backend)
+    assert y.dtype == dtype and y.shape == (t, o)
+    assert_close(y, ref.fff_path_forward_ref(np64(x), np64(w_in), np64(w_out), np64(b_in), "gelu"), tolerance(dtype))
+
+
+def test_empty_batches(backend, device):
+    nw, nb = tree(2, 10, torch.float32, device)
+    w1, b1, w2, b2 = rand(4, 10, 3, device=device), rand(4, 3, device=device), rand(4, 3, 5, device=device), rand(4, 5, device=device)
+    y = tritonlab.fff_forward(rand(0, 10, device=device), nw, nb, w1, b1, w2, b2, backend=backend)
+    assert y.shape == (0, 5)
+    y, counts = tritonlab.fff_forward(rand(2, 0, 10, device=device), nw, nb, w1, b1, w2, b2, return_leaf_counts=True, backend=backend)
+    assert y.shape == (2, 0, 5) and counts.sum() == 0
+    w_in, _ = tree(2, 10, torch.float32, device, extra_level=True)
+    assert tritonlab.fff_path_forward(rand(0, 10, device=device), w_in, rand(7, 4, device=device), backend=backend).shape == (0, 4)
+
+
+def _bad_calls():
+    x, nw, nb = rand(5, 8), rand(7, 8), rand(7)
+    w1, b1, w2, b2 = rand(8, 8, 4), rand(8, 4), rand(8, 4, 6), rand(8, 6)
+    f = tritonlab.fff_forward
+    return [
+        ("node_weight", ValueError, lambda: tritonlab.tree_route(x, rand(6, 8))),
+        ("node_weight", ValueError, lambda: tritonlab.tree_route(x, rand(7, 9))),
+        ("node_bias", ValueError, lambda: tritonlab.tree_route(x, nw, rand(6))),
+        ("x", TypeError, lambda: tritonlab.tree_route(x.to(torch.int64), nw)),
+        ("x", TypeError, lambda: tritonlab.tree_route(x.to(torch.complex64), nw)),
+        ("node_weight", TypeError, lambda: tritonlab.tree_route(x, nw.double())),
+        ("node_weight", ValueError, lambda: tritonlab.tree_route(x, nw.to("meta"))),
+        ("backend", ValueError, lambda: tritonlab.tree_route(x, nw, backend="cuda")),
+        ("w1", ValueError, lambda: f(x, nw, nb, rand(4, 8, 4), b1, w2, b2)),
+        ("w1", ValueError, lambda: f(x, nw, nb, rand(8, 7, 4), b1, w2, b2)),
+        ("w2", ValueError, lambda: f(x, nw, nb, w1, b1, rand(8, 5, 6), b2)),
+        ("w2", ValueError, lambda: f(x, nw, nb, w1, b1, rand(16, 4, 6), b2)),
+        ("b1", ValueError, lambda: f(x, nw, nb, w1, rand(8, 5), w2, b2)),
+        ("b2", ValueError, lambda: f(x, nw, nb, w1, b1, w2, rand(8, 7))),
+        ("w1", TypeError, lambda: f(x, nw, nb, w1.to(torch.int32), b1, w2, b2)),
+        ("activation", ValueError, lambda: f(x, nw, nb, w1, b1, w2, b2, "tanh")),
+        ("w2", ValueError, lambda: f(x, nw, nb, w1, b1, w2.to("meta"), b2)),
+        ("w_in", ValueError, lambda: tritonlab.fff_path_forward(x, rand(6, 8), rand(6, 3))),
+        ("w_out", ValueError, lambda: tritonlab.fff_path_forward(x, nw, rand(3, 3))),
+    ]
+
+
+@pytest.mark.parametrize("name,exc,call", _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_inputs_raise_clear_errors(name, exc, call):
+    with pytest.raises(exc, match=name):
+        call()
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        tritonlab.tree_route(rand(3, 8), rand(7, 8), backend="triton")
+
+
+def test_env_backend_switch(monkeypatch, device):
+    nw, nb = tree(3, 12, torch.float32, device)
+    x = separated_tokens(9, 12, nw, nb, torch.float32, device)
+    expected = ref.tree_route_ref(np64(x), np64(nw), np64(nb))
+    for value in ("torch", "triton"):
+        monkeypatch.setenv("TRITONLAB_BACKEND", value)
+        np.testing.assert_array_equal(tritonlab.tree_route(x, nw, nb).cpu().numpy(), expected)
+    monkeypatch.setenv("TRITONLAB_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="TRITONLAB_BACKEND"):
+        tritonlab.tree_route(x, nw, nb)
+
+
+def test_ops_hold_in_a_compiled_graph(device):
+    """torch.compile(fullgraph=True) traces through the custom ops (fake impls give the shapes)."""
+    depth, d, h, o = 3, 16, 8, 10
+    nw, nb = tree(depth, d, torch.float32, device)
+    w1, b1, w2, b2 = rand(8, d, h, device=device), rand(8, h, device=device), rand(8, h, o, device=device), rand(8, o, device=device)
+    w_in, _ = tree(depth, d, torch.float32, device, extra_level=True)
+    w_out = rand(15, o, device=device)
+
+    def layer(x):
+        return (tritonlab.fff_forward(x, nw, nb, w1, b1, w2, b2, "relu", backend="torch")
+                + tritonlab.fff_path_forward(x, w_in, w_out, backend="torch"),
+                tritonlab.tree_route(x, nw, nb, backend="torch"))
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = separated_tokens(11, d, nw, nb, torch.float32, device)
+    y, leaf = compiled(x)
+    y_eager, leaf_eager = layer(x)
+    torch.testing.assert_close(y, y_eager)
+    assert torch.equal(leaf, leaf_eager)
