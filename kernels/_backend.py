@@ -130,3 +130,18 @@ def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -
     if POISON_OUTPUTS:
         out.fill_(float("nan") if dtype.is_floating_point else -1)
     return out
+
+
+def dispatch(op, impl, *args, needs_autograd: bool = False):
+    """Call a registered torch.library custom op `op`, or its implementation `impl` directly.
+
+    The dispatcher is needed while torch.compile traces (so the graph holds the op as one node) and
+    when autograd must record the op's backward; otherwise its Python overhead (about 40 us a call,
+    measured on the CPU machine) is pure launch latency for decode-size problems, so eager calls go
+    straight to the implementation. Same arguments, same results either way.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if needs_autograd and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return op(*args)
+    return impl(*args)

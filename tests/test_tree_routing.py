@@ -128,7 +128,24 @@ def test_fff_path_forward_matches_reference(backend, device, dtype, depth, t):
     x = separated_tokens(t, d, w_in, b_in, dtype, device)
     y = tritonlab.fff_path_forward(x, w_in, w_out, b_in, backend=backend)
     assert y.dtype == dtype and y.shape == (t, o)
-    assert_close(y, ref.fff_path_forward_ref(np64(x), np64(w_in), np64(w_out), np64(b_in), "gelu"), tolerance(dtype))
+    expected = ref.fff_path_forward_ref(np64(x), np64(w_in), np64(w_out), np64(b_in), "gelu")
+    assert_close(y, expected, tolerance(dtype) + _logit_rounding_bound(x, w_in, w_out, b_in, expected))
+
+
+def _logit_rounding_bound(x, w_in, w_out, b_in, expected) -> float:
+    """Relative output error that float32 rounding of the path logits alone can cause.
+
+    The output is linear in act(logit), so a logit near 0 (a token close to a node's hyperplane)
+    amplifies its rounding: |d logit| <= D * 2**-24 * sum_i |x_i w_i| (the dot-product bound), and
+    |gelu'| <= 1.13. Added to the dtype tolerance so that a single ill-conditioned token does not
+    fail a correct kernel, while a wrong node or a wrong sum (errors of order 1) still fails.
+    """
+    xs, wi, wo = np64(x), np64(w_in), np64(w_out)
+    nodes, _, _ = ref.tree_walk_ref(xs, wi, np64(b_in), wi.shape[0].bit_length())
+    d = xs.shape[1]
+    per_node = 1.13 * d * 2.0**-24 * np.einsum("td,tld->tl", np.abs(xs), np.abs(wi[nodes]))
+    per_token = (per_node * np.linalg.norm(wo[nodes], axis=2)).sum(1)
+    return float(np.linalg.norm(per_token) / max(np.linalg.norm(expected), 1e-300))
 
 
 def test_empty_batches(backend, device):

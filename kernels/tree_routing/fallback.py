@@ -11,6 +11,8 @@ Leaf MLPs run as padded grouped matmuls (see kernels/_grouping.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,12 @@ from .._grouping import PaddedGroups
 ROUTE_STAGE = 4
 
 
+#: below this many tokens the walk gathers each token's node row level by level (a few tiny ops per
+#: level), above it the staged subtree matmuls win
+SMALL_BATCH = 128
+
+
+@functools.lru_cache(maxsize=256)
 def _subtree_table(level: int, span: int, pad_index: int, device: torch.device) -> torch.Tensor:
     """[2**level, 2**span] heap ids of the nodes of each subtree rooted at `level` (BFS order, last col = pad)."""
     roots = torch.arange(2**level, device=device) + (2**level - 1)
@@ -43,6 +51,15 @@ def tree_walk_torch(x: torch.Tensor, node_weight: torch.Tensor, node_bias: torch
     node = torch.zeros(t, dtype=torch.int64, device=dev)
     path_nodes = torch.empty(t, levels, dtype=torch.int64, device=dev) if record_path else None
     path_logits = torch.empty(t, levels, dtype=torch.float32, device=dev) if record_path else None
+    if t <= SMALL_BATCH:
+        for level in range(levels):
+            logit = (xf * node_weight.index_select(0, node).float()).sum(1)
+            if node_bias is not None:
+                logit += node_bias.index_select(0, node).float()
+            if record_path:
+                path_nodes[:, level], path_logits[:, level] = node, logit
+            node = 2 * node + 1 + (logit >= 0)
+        return node, path_nodes, path_logits
     level = 0
     while level < levels:
         span = min(stage, levels - level)

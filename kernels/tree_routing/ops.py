@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (FLOAT_DTYPES, check_activation, check_same_device, check_shape, check_tensor,
+from .._backend import (FLOAT_DTYPES, check_activation, dispatch, check_same_device, check_shape, check_tensor,
                         flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import interpreting, triton
 from .._tuning import TunableKernel, lookup_config, register
@@ -143,8 +143,7 @@ def _path_forward_triton(x, w_in, w_out, b_in, activation):
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("tritonlab::tree_route", mutates_args=())
-def _tree_route_op(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor],
+def _tree_route_impl(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor],
                    backend: str) -> torch.Tensor:
     depth = (node_weight.shape[0] + 1).bit_length() - 1
     if depth == 0:
@@ -154,13 +153,15 @@ def _tree_route_op(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Option
     return fallback.tree_route_torch(x, node_weight, node_bias)
 
 
+_tree_route_op = torch.library.custom_op("tritonlab::tree_route", _tree_route_impl, mutates_args=())
+
+
 @_tree_route_op.register_fake
 def _(x, node_weight, node_bias, backend):
     return x.new_empty(x.shape[0], dtype=torch.int32)
 
 
-@torch.library.custom_op("tritonlab::fff_forward", mutates_args=())
-def _fff_forward_op(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor],
+def _fff_forward_impl(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor],
                     w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
                     activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if resolve_backend(backend, x.device) == "torch":
@@ -176,17 +177,22 @@ def _fff_forward_op(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optio
     return fallback.leaf_mlp_torch(x, leaf.long(), w1, b1, w2, b2, activation), leaf
 
 
+_fff_forward_op = torch.library.custom_op("tritonlab::fff_forward", _fff_forward_impl, mutates_args=())
+
+
 @_fff_forward_op.register_fake
 def _(x, node_weight, node_bias, w1, b1, w2, b2, activation, backend):
     return x.new_empty(x.shape[0], w2.shape[2]), x.new_empty(x.shape[0], dtype=torch.int32)
 
 
-@torch.library.custom_op("tritonlab::fff_path_forward", mutates_args=())
-def _fff_path_forward_op(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: Optional[torch.Tensor],
+def _fff_path_forward_impl(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: Optional[torch.Tensor],
                          activation: str, backend: str) -> torch.Tensor:
     if resolve_backend(backend, x.device) == "triton":
         return _path_forward_triton(x, w_in, w_out, b_in, activation)
     return fallback.fff_path_forward_torch(x, w_in, w_out, b_in, activation)
+
+
+_fff_path_forward_op = torch.library.custom_op("tritonlab::fff_path_forward", _fff_path_forward_impl, mutates_args=())
 
 
 @_fff_path_forward_op.register_fake
@@ -214,7 +220,8 @@ def tree_route(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[t
     check_same_device(x=x, node_weight=node_weight, node_bias=node_bias)
     if x2.shape[0] == 0:
         return torch.zeros(lead, dtype=torch.int32, device=x.device)
-    out = _tree_route_op(x2, node_weight.contiguous(), None if node_bias is None else node_bias.contiguous(), backend)
+    out = dispatch(_tree_route_op, _tree_route_impl, x2, node_weight.contiguous(),
+                   None if node_bias is None else node_bias.contiguous(), backend)
     return out.reshape(lead)
 
 
@@ -264,7 +271,7 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
         leaf = torch.zeros(0, dtype=torch.int64, device=x.device)
     else:
         c = [None if t is None else t.contiguous() for t in (node_weight, node_bias, w1, b1, w2, b2)]
-        y, leaf = _fff_forward_op(x2, *c, activation or "none", backend)
+        y, leaf = dispatch(_fff_forward_op, _fff_forward_impl, x2, *c, activation or "none", backend)
         y = y.reshape(*lead, o)
     if not return_leaf_counts:
         return y
@@ -295,8 +302,8 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
     o = w_out.shape[1]
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, o)
-    y = _fff_path_forward_op(x2, w_in.contiguous(), w_out.contiguous(),
-                             None if b_in is None else b_in.contiguous(), activation or "none", backend)
+    y = dispatch(_fff_path_forward_op, _fff_path_forward_impl, x2, w_in.contiguous(), w_out.contiguous(),
+                 None if b_in is None else b_in.contiguous(), activation or "none", backend)
     return y.reshape(*lead, o)
 
 
