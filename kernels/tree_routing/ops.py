@@ -61,17 +61,22 @@ def _check_same_dtype(x: torch.Tensor, **others: Optional[torch.Tensor]) -> None
 
 def _route_default(shape) -> dict:
     t, d, depth = shape["T"], shape["D"], shape["depth"]
+    if t >= 256 and next_pow2(d) <= 1024:  # x tile resident in registers, top 4 levels as one tile product
+        return {"BLOCK_T": 16, "BLOCK_D": max(16, next_pow2(d)), "DENSE_LEVELS": min(depth, 4), "num_warps": 8}
     return {"BLOCK_T": 32 if t >= 4096 else 16, "BLOCK_D": max(16, min(128, next_pow2(d))),
             "DENSE_LEVELS": min(depth, 4) if t >= 256 else 0, "num_warps": 4}
 
 
 def _route_space(shape) -> list[dict]:
     d, depth = shape["D"], shape["depth"]
+    resident = max(16, next_pow2(d))
     out = []
-    for bt, bd, dl, nw in itertools.product((16, 32, 64), (32, 64, 128, 256), (0, 2, 3, 4, 5, 6), (2, 4, 8)):
-        if bd > max(16, next_pow2(d)) or dl > depth or (bt == 64 and bd == 256):
+    for bt, bd, dl, nw in itertools.product((16, 32, 64), (32, 64, 128, 256, resident), (0, 2, 3, 4, 5, 6), (4, 8)):
+        if bd > resident or dl > depth or bt * bd > 16384:  # larger register tiles spill
             continue
-        out.append({"BLOCK_T": bt, "BLOCK_D": bd, "DENSE_LEVELS": dl, "num_warps": nw})
+        cfg = {"BLOCK_T": bt, "BLOCK_D": bd, "DENSE_LEVELS": dl, "num_warps": nw}
+        if cfg not in out:
+            out.append(cfg)
     return out
 
 

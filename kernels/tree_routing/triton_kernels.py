@@ -48,6 +48,13 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    # When one BLOCK_D chunk covers D, the x tile is loaded once and stays in registers for every
+    # level (x is read from memory exactly once); otherwise each level streams x in chunks.
+    RESIDENT: tl.constexpr = BLOCK_D >= D
+    if RESIDENT:
+        dd_all = tl.arange(0, BLOCK_D)
+        x_res = tl.load(x_rows + dd_all[None, :], mask=rmask[:, None] & (dd_all < D)[None, :], other=0.0)
     node = tl.zeros([BLOCK_T], dtype=tl.int32)
     if DENSE_LEVELS > 0:
         # Logits of all nodes of the top DENSE_LEVELS levels: [BLOCK_T, D] @ [D, DENSE_COLS].
@@ -58,8 +65,10 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = dd < D
-            xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + dd[None, :],
-                         mask=rmask[:, None] & dmask[None, :], other=0.0)
+            if RESIDENT:
+                xt = x_res
+            else:
+                xt = tl.load(x_rows + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
             wt = tl.load(w_ptr + cols[None, :] * stride_w + dd[:, None],
                          mask=cmask[None, :] & dmask[:, None], other=0.0)
             if UPCAST_DOT:  # float32 operands, exact products (float32 inputs, or the interpreter)
@@ -75,8 +84,15 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
                 tl.store(path_logit_ptr + rows * LEVELS + lvl, logit, mask=rmask)
             node = 2 * node + 1 + (logit >= 0).to(tl.int32)
     for lvl in range(DENSE_LEVELS, LEVELS):
-        logit = _gather_logits(x_ptr, stride_x, rows, rmask, w_ptr, stride_w, b_ptr, node, D,
-                               HAS_BIAS, BLOCK_T, BLOCK_D)
+        if RESIDENT:
+            w_rows = w_ptr + node.to(tl.int64)[:, None] * stride_w
+            wv = tl.load(w_rows + dd_all[None, :], mask=rmask[:, None] & (dd_all < D)[None, :], other=0.0)
+            logit = tl.sum(x_res.to(tl.float32) * wv.to(tl.float32), axis=1)
+            if HAS_BIAS:
+                logit += tl.load(b_ptr + node, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            logit = _gather_logits(x_ptr, stride_x, rows, rmask, w_ptr, stride_w, b_ptr, node, D,
+                                   HAS_BIAS, BLOCK_T, BLOCK_D)
         if STORE_PATH:
             tl.store(path_node_ptr + rows * LEVELS + lvl, node, mask=rmask)
             tl.store(path_logit_ptr + rows * LEVELS + lvl, logit, mask=rmask)
