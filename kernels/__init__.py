@@ -3,7 +3,7 @@ fallbacks, float64 NumPy references and the nn.Module side by side).
 
 - tree_routing:  tree_route, fff_forward, fff_path_forward, FastFeedForward
 - grouped_gemm:  gather_matmul_scatter, leaf_mlp, LeafMLP
-- quantized:     quantize, scaled_matmul, QuantizedFFN
+- quantized:     quantize, scaled_matmul, QuantizedFFN (quantize_path, scaled_matmul_path: which path runs)
 - fft_mixing:    fnet_mix, spectral_filter, fft_conv, FFTTokenMixer
 
 Families are imported on first use of one of their names, so `import tritonlab` stays cheap.
@@ -18,6 +18,7 @@ _EXPORTS = {
     "FastFeedForward": "tree_routing",
     "gather_matmul_scatter": "grouped_gemm", "leaf_mlp": "grouped_gemm", "LeafMLP": "grouped_gemm",
     "quantize": "quantized", "scaled_matmul": "quantized", "QuantizedFFN": "quantized",
+    "quantize_path": "quantized", "scaled_matmul_path": "quantized",
     "fnet_mix": "fft_mixing", "spectral_filter": "fft_mixing", "fft_conv": "fft_mixing",
     "FFTTokenMixer": "fft_mixing",
 }

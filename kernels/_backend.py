@@ -119,16 +119,17 @@ def next_pow2(n: int) -> int:
 
 
 # Tests set this (tritonlab.kernels._backend.POISON_OUTPUTS = True) so that every launcher allocates
-# its outputs filled with NaN (floats) or -1 (ints): an element a kernel forgets to write then fails
-# the reference check instead of passing on leftover memory.
+# its outputs filled with NaN (floats) or the dtype's most negative value (ints: never a valid leaf,
+# index or int8 quantized value): an element a kernel forgets to write then fails the reference check
+# instead of passing on leftover memory.
 POISON_OUTPUTS = False
 
 
 def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty for kernel outputs, poisoned when POISON_OUTPUTS is set."""
+    """torch.empty for kernel outputs, poisoned (NaN / integer minimum) when POISON_OUTPUTS is set."""
     out = torch.empty(tuple(shape), dtype=dtype, device=device)
     if POISON_OUTPUTS:
-        out.fill_(float("nan") if dtype.is_floating_point else -1)
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
     return out
 
 

@@ -1,0 +1,98 @@
+"""Torch fallbacks for the quantized family: vectorized, same quantization rule as the kernels.
+
+- `quantize_torch`: the rule of triton_kernels.py in torch ops (float32 throughout; `torch.round`
+  rounds half to even; torch's float -> float8 cast rounds to nearest even, after the clamp).
+- `int8_matmul_exact`: a_q @ b_q.T as exact int32. `torch._int_mm` on CUDA where its shape limits
+  allow; elsewhere float32 matmuls over K chunks of 1024: every product of two int8 values and
+  every partial sum of a chunk (|sum| <= 1024 * 127**2 < 2**24) is an integer that float32 holds
+  exactly, whatever the summation order or TF32 use, so each chunk converts to int32 without
+  loss. (`torch._int_mm` exists on the CPU too but is a naive loop there, ~30x slower than BLAS.)
+- `fp8_matmul`: fp8 values upcast to float32 are exact and so are their products; the sum is
+  float32 like the tensor-core kernel's (TF32 is harmless: fp8 values fit its 10-bit mantissa).
+- `epilogue_torch`: (acc * a_scale) * b_scale + bias, activation, cast; the kernel's order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import torch_activation
+
+QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+QDTYPE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+#: K chunk for the exact float32 int8 path: 1024 * 127 * 127 < 2**24
+EXACT_K_CHUNK = 1024
+
+
+def quantize_torch(x: torch.Tensor, qname: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, N] (M, N >= 1) -> (q [M, N], scale [M, 1] | [1, N] | 0-d float32)."""
+    qmax = QMAX[qname]
+    xf = x.float()
+    if granularity == "row":
+        amax = xf.abs().amax(dim=1, keepdim=True)
+    elif granularity == "column":
+        amax = xf.abs().amax(dim=0, keepdim=True)
+    else:
+        amax = xf.abs().amax()
+    scale = amax / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    v = xf * (1.0 / scale)
+    v = torch.nan_to_num(v, nan=0.0, posinf=qmax, neginf=-qmax).clamp_(-qmax, qmax)
+    if qname == "int8":
+        q = torch.round(v).to(torch.int8)
+    else:
+        q = v.to(QDTYPE[qname])
+    return q, scale
+
+
+def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a @ b.T for int8 a [M, K], b [N, K]."""
+    m, k = a.shape
+    n = b.shape[0]
+    if int8_uses_int_mm(a, b):
+        return torch._int_mm(a, b.t())
+    if k == 0:
+        return torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    acc: Optional[torch.Tensor] = None
+    for k0 in range(0, k, EXACT_K_CHUNK):  # a handful of K chunks, not a loop over tokens
+        part = a[:, k0:k0 + EXACT_K_CHUNK].float() @ b[:, k0:k0 + EXACT_K_CHUNK].float().t()
+        acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
+    return acc
+
+
+def int8_uses_int_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch._int_mm's CUDA limits: M > 16, K and N multiples of 8."""
+    m, k = a.shape
+    n = b.shape[0]
+    return a.is_cuda and m > 16 and k > 0 and k % 8 == 0 and n % 8 == 0
+
+
+def fp8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 a @ b.T for fp8 a [M, K], b [N, K] (exact products, float32 sums)."""
+    return a.float() @ b.float().t()
+
+
+def epilogue_torch(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                   bias: Optional[torch.Tensor], activation: Optional[str], out_dtype: torch.dtype) -> torch.Tensor:
+    """acc [M, N]; a_scale [M] or [1], b_scale [N] or [1] float32; bias [N] or None."""
+    y = acc.float() if acc.dtype != torch.float32 else acc
+    y = y * a_scale.reshape(-1, 1)
+    y.mul_(b_scale.reshape(1, -1))
+    if bias is not None:
+        y.add_(bias.float())
+    y = torch_activation(y, activation)
+    return y.to(out_dtype)
+
+
+def scaled_matmul_torch(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                        bias: Optional[torch.Tensor], activation: Optional[str],
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """act((a_q @ b_q.T) * a_scale * b_scale + bias) in out_dtype; scales already 1-D float32."""
+    if a_q.dtype != torch.int8:
+        acc = fp8_matmul(a_q, b_q)
+    elif a_q.shape[1] <= EXACT_K_CHUNK and not int8_uses_int_mm(a_q, b_q):
+        acc = a_q.float() @ b_q.float().t()  # one chunk: already the exact integers, in float32
+    else:
+        acc = int8_matmul_exact(a_q, b_q)
+    return epilogue_torch(acc, a_scale, b_scale, bias, activation, out_dtype)

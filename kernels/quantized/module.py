@@ -1,0 +1,116 @@
+"""QuantizedFFN: an int8 / fp8 feed-forward block built from two float nn.Linear layers."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .._backend import check_activation, flatten_tokens
+from .ops import QuantDType, _qname, quantize, scaled_matmul, scaled_matmul_path
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+
+
+def _activation_name(activation: Union[str, nn.Module, None]) -> Optional[str]:
+    if isinstance(activation, nn.Module):
+        if isinstance(activation, nn.GELU):
+            return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
+        for cls, name in _ACTIVATION_MODULES.items():
+            if isinstance(activation, cls):
+                return name
+        raise ValueError(f"activation {type(activation).__name__} has no kernel equivalent (relu, gelu, silu)")
+    check_activation(activation)
+    return None if activation in (None, "none", "identity") else activation
+
+
+class QuantizedFFN(nn.Module):
+    """y = act(x @ W1.T + b1) @ W2.T + b2 with W1, W2 stored quantized (int8, fp8 e4m3 or e5m2).
+
+    The weights are quantized once, per output channel (`quantize(weight, dtype, "row")`); each
+    forward quantizes x per token, runs GEMM 1 with scale, bias and activation fused into its
+    epilogue, quantizes the hidden activations per token, and runs GEMM 2 with its bias.
+    For a hidden width H <= 256 the per-token quantization of the hidden layer happens in GEMM 1's
+    epilogue (the hidden layer is never written in float); for wider layers GEMM 1 writes it in x's
+    dtype (bf16 for bf16 models) and a quantize kernel follows. The output is in x's dtype.
+
+    Build it with `QuantizedFFN.from_float(linear1, linear2, activation, dtype)`. It is an inference
+    module: the quantized weights are buffers, no gradients flow.
+    """
+
+    def __init__(self, w1_q: torch.Tensor, w1_scale: torch.Tensor, b1: Optional[torch.Tensor],
+                 w2_q: torch.Tensor, w2_scale: torch.Tensor, b2: Optional[torch.Tensor],
+                 activation: Optional[str], dtype: QuantDType, *, float_weight_bytes: Optional[int] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.qdtype = _qname(dtype)
+        self.activation = _activation_name(activation)
+        h, d = w1_q.shape
+        o, h2 = w2_q.shape
+        if h2 != h:
+            raise ValueError(f"w2_q must be [O, H={h}], got {tuple(w2_q.shape)}")
+        self.input_width, self.hidden_width, self.output_width = d, h, o
+        self.backend = backend
+        self.register_buffer("w1_q", w1_q)
+        self.register_buffer("w1_scale", w1_scale)
+        self.register_buffer("b1", None if b1 is None else b1.detach().float())
+        self.register_buffer("w2_q", w2_q)
+        self.register_buffer("w2_scale", w2_scale)
+        self.register_buffer("b2", None if b2 is None else b2.detach().float())
+        self.float_weight_bytes = float_weight_bytes
+
+    @classmethod
+    def from_float(cls, linear1: nn.Linear, linear2: nn.Linear,
+                   activation: Union[str, nn.Module, None] = "gelu", dtype: QuantDType = "int8",
+                   *, backend: str = "auto") -> "QuantizedFFN":
+        """Quantize two float nn.Linear layers (D -> H, H -> O) once, per output channel.
+
+        Args:
+            linear1, linear2: nn.Linear(D, H) and nn.Linear(H, O), biases optional.
+            activation: "relu" | "gelu" | "gelu_tanh" | "silu" | None, or nn.ReLU / nn.GELU / nn.SiLU.
+            dtype: "int8" | "fp8_e4m3" | "fp8_e5m2"; weights and activations use the same type.
+        """
+        for name, lin in (("linear1", linear1), ("linear2", linear2)):
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"{name} must be an nn.Linear, got {type(lin).__name__}")
+        if linear2.in_features != linear1.out_features:
+            raise ValueError(f"linear2 must take linear1's {linear1.out_features} outputs, "
+                             f"got in_features={linear2.in_features}")
+        qname = _qname(dtype)
+        float_bytes = sum(p.numel() * p.element_size() for lin in (linear1, linear2) for p in lin.parameters())
+        with torch.no_grad():
+            w1_q, w1_s = quantize(linear1.weight.detach(), qname, "row", check_finite=True, backend=backend)
+            w2_q, w2_s = quantize(linear2.weight.detach(), qname, "row", check_finite=True, backend=backend)
+        return cls(w1_q, w1_s, linear1.bias, w2_q, w2_s, linear2.bias, _activation_name(activation), qname,
+                   float_weight_bytes=float_bytes, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] float32/float16/bfloat16 -> [..., O] in x's dtype."""
+        x2, lead = flatten_tokens("x", x, self.input_width)
+        x_q, x_s = quantize(x2, self.qdtype, "row", backend=self.backend)
+        h_q, h_s = scaled_matmul(x_q, x_s, self.w1_q, self.w1_scale, self.b1, self.activation, x.dtype,
+                                 quantize_output=self.qdtype, backend=self.backend)
+        y = scaled_matmul(h_q, h_s, self.w2_q, self.w2_scale, self.b2, None, x.dtype, backend=self.backend)
+        return y.reshape(*lead, self.output_width)
+
+    def gemm_path(self, tokens: int = 128) -> str:
+        """Which scaled_matmul path the GEMMs take for a batch of `tokens` tokens on this module's
+        device ('triton', 'torch-int8-exact', 'torch-int_mm' or 'torch-fp8-upcast')."""
+        a = torch.empty(tokens, self.input_width, dtype=self.w1_q.dtype, device=self.w1_q.device)
+        return scaled_matmul_path(a, self.w1_q, backend=self.backend)
+
+    def weight_memory(self) -> dict:
+        """Bytes of the quantized weights (values, scales, biases) against the float module's parameters.
+
+        Returns {"quantized_bytes", "float_bytes", "ratio"} with ratio = quantized / float (about
+        0.25 against float32 weights, 0.5 against bf16, for wide layers). float_bytes is None (and
+        ratio None) when the module was not built by from_float.
+        """
+        q_bytes = sum(b.numel() * b.element_size() for b in (self.w1_q, self.w1_scale, self.b1,
+                                                              self.w2_q, self.w2_scale, self.b2) if b is not None)
+        ratio = None if not self.float_weight_bytes else q_bytes / self.float_weight_bytes
+        return {"quantized_bytes": q_bytes, "float_bytes": self.float_weight_bytes, "ratio": ratio}
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_width} -> {self.hidden_width} -> {self.output_width}, dtype={self.qdtype}, "
+                f"activation={self.activation}, backend={self.backend!r}")
