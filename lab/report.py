@@ -1,0 +1,502 @@
+"""`tritonlab report`: benchmark every kernel family on this machine and regenerate its report.
+
+    tritonlab report                          # all families, the device's default preset, reports/<device>/
+    tritonlab report --quick                  # small CPU shapes, under two minutes
+    tritonlab report --kernel tree_routing --kernel quantize --out /tmp/r
+    tritonlab report --compare reports/A reports/B   # change between two reports, exit 1 on a regression
+    tritonlab report --from-benchmark-json bench.json  # a report from pytest-benchmark's JSON
+
+The report folder (reports/<device-slug>/ on a GPU, reports/cpu-<cpu model>/ on a CPU) holds
+README.md (tables, plots inline), results.csv (one tidy row per kernel x shape x dtype x provider),
+the PNG plots, roofline.json (the measured ceilings) and environment.json. Nothing in it is edited
+by hand: the command rewrites it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+import torch
+
+from . import bench, cases, plots, roofline
+from .autotune import device_slug, slugify
+
+#: a median this much slower (B / A - 1) is a regression in --compare
+DEFAULT_THRESHOLD = 0.10
+COMPARE_KEYS = ["family", "kernel", "shape", "dtype", "provider"]
+#: --quick's default --time-limit (the whole quick run stays under two minutes)
+QUICK_TIME_LIMIT_S = 90.0
+#: rows measured so far, rewritten after every task of a run (removed when the report is written)
+PARTIAL_CSV = "results.partial.csv"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", "-k", action="extend", nargs="+", default=None, metavar="K",
+                        help="only these families or ops (e.g. tree_routing, fff_forward, quantize); repeatable")
+    parser.add_argument("--quick", action="store_true", help="the small 'quick' preset (a CPU run in under 2 minutes)")
+    parser.add_argument("--preset", choices=cases.PRESETS, default=None,
+                        help="shape preset (default: 'models' on a GPU, 'cpu' on a CPU)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to measure")
+    parser.add_argument("--out", default=None, help="report folder (default reports/<device slug>/)")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                        help="compare two reports (folders or results.csv): B against A; exit 1 on a regression")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="--compare: a median slower by more than this fraction is a regression (default 0.10)")
+    parser.add_argument("--all-providers", action="store_true",
+                        help="--compare: flag slower baselines too (default: only tritonlab's own rows)")
+    parser.add_argument("--from-benchmark-json", default=None, metavar="FILE",
+                        help="build the report from pytest-benchmark JSON (tests/bench_cpu.py) instead of measuring")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="include torch.compile baselines (default: on a GPU only; on a CPU compiling costs minutes)")
+    parser.add_argument("--seed", type=int, default=None, help="input seed (default: fresh per task, recorded)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="skip the tasks not started after this many seconds (noted in the report), so that "
+                             "a run under an outer time limit still writes its report")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        return run_compare(args.compare[0], args.compare[1], args.threshold, args.all_providers)
+    device = _device(args.device)
+    preset = "quick" if args.quick else (args.preset or ("models" if device.type == "cuda" else "cpu"))
+    out_dir = Path(args.out) if args.out else default_out_dir(device)
+    try:
+        selected = cases.select(args.kernel)
+    except ValueError as e:
+        print(f"tritonlab report: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    if args.from_benchmark_json:
+        rows, json_notes = rows_from_benchmark_json(args.from_benchmark_json, args.kernel)
+        notes += json_notes
+        source = f"pytest-benchmark JSON {os.path.basename(args.from_benchmark_json)}"
+    else:
+        opts = bench.preset_options(preset, device, args.compile)
+        opts.seed = args.seed
+        # quick is a smoke run that must stay short on a busy 2-core machine: tasks not started within
+        # QUICK_TIME_LIMIT_S are skipped (and listed) rather than stretching it
+        opts.time_limit_s = args.time_limit if args.time_limit is not None else (
+            QUICK_TIME_LIMIT_S if preset == "quick" else None)
+        tasks, skipped_rows, plan_notes = bench.plan(selected, preset, device)
+        notes += plan_notes
+        measured = _run_with_progress(tasks, opts, not args.no_progress, checkpoint=out_dir / PARTIAL_CSV)
+        rows = bench.order_rows(list(skipped_rows) + measured, selected)
+        source = f"preset {preset!r}" + (", torch.compile baselines" if opts.compile_baselines else "")
+    if args.kernel:  # a partial run updates its kernels in the report and keeps the others
+        kept, note = _kept_rows(out_dir, selected, preset)
+        if kept:
+            rows = bench.order_rows(kept + rows, cases.CASES)
+            notes.append(note)
+            selected = [c for c in cases.CASES if (c.family, c.kernel) in {(r["family"], r["kernel"]) for r in rows}]
+    df = bench.finalize(bench.to_frame(rows))
+    needed = {c for c in df["compute"].dropna().unique()} | {"fp32"}
+    ceil = roofline.measure(device, needed, quick=preset == "quick")
+    df = roofline.annotate(df, ceil)
+    command = _command_line(args)
+    write_report(df, ceil, out_dir, notes=notes, source=source, command=command, elapsed_s=time.perf_counter() - t0,
+                 families=list(dict.fromkeys(c.family for c in selected)), selected=selected,
+                 extra_env={"preset": preset})
+    _print_summary(df, out_dir, time.perf_counter() - t0)
+    return 0
+
+
+def _kept_rows(out_dir: Path, selected: list[cases.Case], preset: str) -> tuple[list[dict], str]:
+    """Rows of the kernels not re-measured, from the report already in out_dir (same preset only)."""
+    try:
+        old = load_results(out_dir)
+        old_env = json.loads((out_dir / "environment.json").read_text())
+    except (OSError, ValueError):
+        return [], ""
+    if old_env.get("preset") != preset:
+        return [], ""
+    measured = {(c.family, c.kernel) for c in selected}
+    keep = old[[(f, k) not in measured for f, k in zip(old["family"], old["kernel"])]]
+    if keep.empty:
+        return [], ""
+    rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            for r in keep.to_dict("records")]
+    kernels = ", ".join(dict.fromkeys(keep["kernel"]))
+    return rows, (f"rows of {kernels} kept from the previous report in this folder ({old_env.get('date', '?')}, "
+                  f"commit {old_env.get('commit', '?')}); only the selected kernels were re-measured")
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that regenerates this report (from the parsed options)."""
+    parts = ["tritonlab", "report"]
+    for k in args.kernel or []:
+        parts += ["--kernel", k]
+    if args.quick:
+        parts.append("--quick")
+    elif args.preset:
+        parts += ["--preset", args.preset]
+    if args.device != "auto":
+        parts += ["--device", args.device]
+    if args.out:
+        parts += ["--out", args.out]
+    if args.from_benchmark_json:
+        parts += ["--from-benchmark-json", args.from_benchmark_json]
+    if args.compile is not None:
+        parts.append("--compile" if args.compile else "--no-compile")
+    if args.seed is not None:
+        parts += ["--seed", str(args.seed)]
+    if args.time_limit is not None:
+        parts += ["--time-limit", f"{args.time_limit:g}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("tritonlab report: --device cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def _run_with_progress(tasks: list[bench.Task], opts: bench.BenchOptions, show: bool,
+                       checkpoint: Optional[Path] = None) -> list[dict]:
+    """bench.run with a rich progress bar; the rows so far are saved to `checkpoint` after each task
+    (a run killed from outside leaves them; write_report removes the file)."""
+    done: list[dict] = []
+
+    def save(task, rows):
+        done.extend(rows)
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            bench.to_frame(done).to_csv(checkpoint, index=False)
+
+    if not show or not tasks:
+        return bench.run(tasks, opts, on_done=save)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]report[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=Console(stderr=True)) as progress:
+        bar = progress.add_task("", total=len(tasks))
+
+        def on_done(task, rows):
+            save(task, rows)
+            progress.advance(bar)
+
+        return bench.run(tasks, opts, on_start=lambda t: progress.update(bar, description=t.label), on_done=on_done)
+
+
+def _print_summary(df: pd.DataFrame, out_dir: Path, elapsed: float) -> None:
+    counts = df["status"].value_counts().to_dict()
+    print(f"tritonlab report: {len(df)} rows ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}) "
+          f"in {elapsed:.0f} s -> {out_dir}/README.md")
+    for _, r in df[(df["role"] == "ours") & (df["status"] == "wrong")].iterrows():
+        print(f"  WRONG: {r['kernel']} {r['shape']} {r['dtype']}: {r['note']}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- where
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo "model name", else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def report_slug(device: torch.device) -> str:
+    """reports/ folder name: the GPU's slug, or cpu-<cpu model slug>."""
+    if device.type == "cuda":
+        return device_slug(device)
+    return "cpu-" + slugify(cpu_model())
+
+
+def default_out_dir(device: torch.device) -> Path:
+    """reports/<slug>/ in the repository this package is installed from (editable), else under the cwd."""
+    root = Path(__file__).resolve().parent.parent
+    base = root if (root / "pyproject.toml").exists() and (root / "lab").is_dir() else Path.cwd()
+    return base / "reports" / report_slug(device)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fmt(v: Any, kind: str = "g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if kind == "ms":
+        return f"{v:.4g}"
+    if kind == "x":
+        return f"{v:.3g}x"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if kind == "e":
+        return f"{v:.1e}"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _md_table(header: list[str], rows: Iterable[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _time_cell(r) -> str:
+    if r["median_ms"] != r["median_ms"] or r["median_ms"] is None:
+        return ""
+    return f"{_fmt(r['median_ms'], 'ms')} [{_fmt(r['p20_ms'], 'ms')}, {_fmt(r['p80_ms'], 'ms')}]"
+
+
+def results_table(df: pd.DataFrame) -> str:
+    """Every row of a family: one line per kernel x shape x dtype x provider."""
+    header = ["kernel", "shape", "dtype", "provider", "status", "median ms [p20, p80]", "TFLOP/s", "GB/s",
+              "roofline", "speedup vs primary", "rel err", "note"]
+    body = []
+    for _, r in df.iterrows():
+        status = r["status"] if r["role"] != "ours" else f"**{r['status']}**"
+        prov = r["provider"] if r["role"] != "ours" else f"**{r['provider']}**"
+        primary = f" ({r['primary_baseline']})" if r["role"] == "ours" and r["primary_baseline"] else ""
+        body.append([r["kernel"], r["shape"], r["dtype"], prov, status, _time_cell(r), _fmt(r["tflops"]),
+                     _fmt(r["gbps"]), _fmt(r["roofline_frac"], "pct"), _fmt(r["speedup"], "x") + primary,
+                     _fmt(r["rel_err"], "e"), r["note"]])
+    return _md_table(header, body)
+
+
+def summary_table(df: pd.DataFrame) -> str:
+    """One line per kernel x shape x dtype: our time, the primary baseline's, the speedup, the roofline share."""
+    header = ["family", "kernel", "shape", "dtype", "tritonlab ms", "primary baseline", "baseline ms", "speedup",
+              "roofline", "status"]
+    body = []
+    for _, g in df.groupby(["family", "kernel", "shape", "dtype"], sort=False):
+        ours = g[g["role"] == "ours"]
+        if ours.empty:
+            continue
+        o = ours.iloc[0]
+        prim = g[(g["provider"] == o["primary_baseline"]) & (g["role"] == "baseline")]
+        base_ms = prim["median_ms"].iloc[0] if len(prim) else math.nan
+        body.append([o["family"], o["kernel"], o["shape"], o["dtype"], _fmt(o["median_ms"], "ms"),
+                     o["primary_baseline"], _fmt(base_ms, "ms"), _fmt(o["speedup"], "x"),
+                     _fmt(o["roofline_frac"], "pct"), o["status"]])
+    return _md_table(header, body)
+
+
+def headline(df: pd.DataFrame) -> Optional[str]:
+    """The CPU tree-routing headline (fff_forward T=4096 D=768 depth 8 H=16 float32 vs the dense FFN
+    of width 4096), or on a GPU the same layer at T=16384 bf16, when measured."""
+    for shape, dtype in (("T=4096 D=768 depth=8 H=16", "float32"), ("T=16384 D=768 depth=8 H=16", "bfloat16")):
+        g = df[(df["kernel"] == "fff_forward") & (df["shape"] == shape) & (df["dtype"] == dtype)]
+        ours = g[(g["role"] == "ours") & (g["status"] == "ok")]
+        dense = g[(g["provider"] == "dense-ffn") & (g["status"] == "ok")]
+        if len(ours) and len(dense):
+            o, d = ours.iloc[0], dense.iloc[0]
+            return (f"**fff_forward {shape} {dtype}: {_fmt(o['median_ms'], 'ms')} ms against "
+                    f"{_fmt(d['median_ms'], 'ms')} ms for the dense FFN of equal width "
+                    f"(2**depth * H = {2**8 * 16}): {d['median_ms'] / o['median_ms']:.3g}x faster**, "
+                    f"in one run, pairs interleaved.")
+    return None
+
+
+def write_report(df: pd.DataFrame, ceil: roofline.Ceilings, out_dir: Path, *, notes: Optional[list[str]] = None,
+                 source: str = "", command: str = "tritonlab report", elapsed_s: Optional[float] = None,
+                 families: Optional[list[str]] = None, selected: Optional[list[cases.Case]] = None,
+                 env: Optional[dict] = None, extra_env: Optional[dict] = None) -> Path:
+    """Write README.md, results.csv, the plots, roofline.json and environment.json into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if env is None:
+        from .env import environment
+
+        env = environment()
+        if env.get("device") == "cpu":
+            env["cpu_model"] = cpu_model()
+    env.update(extra_env or {})
+    notes = list(notes or [])
+    families = families or list(dict.fromkeys(df["family"]))
+    df = df[bench.RESULT_COLUMNS]
+    df.to_csv(out_dir / "results.csv", index=False)
+    (out_dir / "roofline.json").write_text(ceil.to_json() + "\n")
+    (out_dir / "environment.json").write_text(json.dumps(env, indent=2, default=str) + "\n")
+    for stale in list(out_dir.glob("*.png")) + [out_dir / PARTIAL_CSV]:  # nothing of an older run lingers
+        if stale.exists():
+            stale.unlink()
+
+    lines = [f"# tritonlab report: {env.get('device', '?')}" + (f" ({env['cpu_model']})" if env.get("cpu_model") else ""),
+             "",
+             f"Generated by `{command}` ({source}) on {env.get('date', '')}"
+             + (f" in {elapsed_s:.0f} s" if elapsed_s is not None else "")
+             + ". Do not edit: rerun the command to regenerate.", ""]
+    head = headline(df)
+    if head:
+        lines += ["## Headline", "", head, ""]
+    lines += ["## Environment", "", _md_table(["", ""], [[k, _fmt(v)] for k, v in env.items()]), ""]
+    lines += ["## Machine ceilings (measured for this report)", "",
+              _md_table(["ceiling", "value", "measured with"],
+                        [["copy bandwidth", f"{ceil.bandwidth_gbs:.4g} GB/s", ceil.details.get("bandwidth", "")]]
+                        + [[k, f"{v:.4g} TFLOP/s", ceil.details.get(k, "")] for k, v in ceil.peaks_tflops.items()]
+                        + [[k, "", v] for k, v in ceil.details.items() if k != "bandwidth" and k not in ceil.peaks_tflops]),
+              "", "![roofline](roofline.png)" if _plot_roofline(df, ceil, out_dir) else "", ""]
+    lines += ["## Summary: tritonlab against its primary baseline", "",
+              "Speedup = primary baseline median / tritonlab median (> 1: tritonlab is faster). Roofline = "
+              "max(FLOPs / peak, bytes / bandwidth) / median, from the counts stated per kernel below.", "",
+              summary_table(df), ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    by_kernel = {c.kernel: c for c in (selected or cases.CASES)}
+    for fam in families:
+        sub = df[df["family"] == fam]
+        if sub.empty:
+            continue
+        lines += [f"## {fam}", ""]
+        for kernel in dict.fromkeys(sub["kernel"]):
+            case = by_kernel.get(kernel)
+            if case is not None and case.counting:
+                lines.append(f"- `{kernel}`: {case.counting}")
+        lines += ["", results_table(sub), ""]
+        sp = plots.speedup_plot(df, fam, str(out_dir / f"speedup_{fam}.png"))
+        if sp:
+            lines += [f"![speedup {fam}](speedup_{fam}.png)", ""]
+        sc = plots.scaling_plot(df, fam, str(out_dir / f"scaling_{fam}.png"))
+        if sc:
+            lines += [f"![scaling {fam}](scaling_{fam}.png)", ""]
+    lines += ["## How this was measured", "",
+              "- Every provider's result is checked against the float64 NumPy reference of the family "
+              f"(on up to {cases.CHECK_ROWS} random rows) before it is timed; a result over the tolerance is "
+              "reported `wrong` and never timed, one that raises is `failed`, one that cannot run here is `skipped`.",
+              "- CUDA: `triton.testing.do_bench` (L2 flushed before each call; median, p20, p80); kernels under "
+              f"{bench.GRAPH_BELOW_MS} ms that are safe to capture are timed as CUDA graphs. CPU: warm-up, then "
+              "repetitions with the providers interleaved (A B C, C B A, ...) so that drift cancels.",
+              "- `results.csv` columns: " + ", ".join(f"`{c}`" for c in bench.RESULT_COLUMNS) + ".",
+              "- `tritonlab report --compare A B` shows the change between two reports and flags regressions.", ""]
+    (out_dir / "README.md").write_text("\n".join(lines))
+    return out_dir
+
+
+def _plot_roofline(df: pd.DataFrame, ceil: roofline.Ceilings, out_dir: Path) -> bool:
+    ok = df[(df["status"] == "ok") & df["tflops"].notna()]
+    if ok.empty:
+        return False
+    roofline.plot(df, ceil, str(out_dir / "roofline.png"))
+    return True
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def load_results(path: str | os.PathLike) -> pd.DataFrame:
+    """results.csv of a report folder (or the CSV itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.csv"
+    if not p.exists():
+        raise FileNotFoundError(f"no results.csv at {path}")
+    return pd.read_csv(p, keep_default_na=True)
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
+            all_providers: bool = False) -> pd.DataFrame:
+    """Rows present in both, with change = B median / A median - 1 and a `regression` flag:
+    slower by more than `threshold`, or ok in A and wrong/failed in B (tritonlab's rows; every
+    provider's with all_providers)."""
+    cols = COMPARE_KEYS + ["role", "status", "median_ms"]
+    m = a[cols].merge(b[cols], on=COMPARE_KEYS, suffixes=("_a", "_b"), how="inner")
+    m["change"] = m["median_ms_b"] / m["median_ms_a"] - 1.0
+    watched = (m["role_b"] == "ours") | bool(all_providers)
+    slower = (m["status_a"] == "ok") & (m["status_b"] == "ok") & (m["change"] > threshold)
+    broke = (m["status_a"] == "ok") & m["status_b"].isin(["wrong", "failed"])
+    m["regression"] = watched & (slower | broke)
+    m["why"] = ""
+    m.loc[m["regression"] & slower, "why"] = "slower"
+    m.loc[m["regression"] & broke, "why"] = "now " + m["status_b"].astype(str)
+    return m
+
+
+def run_compare(path_a: str, path_b: str, threshold: float = DEFAULT_THRESHOLD, all_providers: bool = False) -> int:
+    try:
+        a, b = load_results(path_a), load_results(path_b)
+    except FileNotFoundError as e:
+        print(f"tritonlab report --compare: {e}", file=sys.stderr)
+        return 2
+    m = compare(a, b, threshold, all_providers)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{path_b} against {path_a} (regression: > {threshold:.0%} slower)")
+    for c in ("kernel", "shape", "dtype", "provider", "A ms", "B ms", "change", ""):
+        table.add_column(c)
+    for _, r in m.iterrows():
+        change = "" if r["change"] != r["change"] else f"{r['change']:+.1%}"
+        flag = f"[bold red]REGRESSION ({r['why']})[/]" if r["regression"] else ""
+        style = None if r["role_b"] == "ours" else "dim"
+        table.add_row(r["kernel"], r["shape"], r["dtype"], r["provider"], _fmt(r["median_ms_a"], "ms"),
+                      _fmt(r["median_ms_b"], "ms"), change, flag, style=style)
+    console = Console()
+    console.print(table)
+    for _, r in m[m["regression"]].iterrows():  # plain lines too: a narrow CI log truncates the table
+        change = "" if r["change"] != r["change"] else f" {r['change']:+.1%}"
+        print(f"REGRESSION ({r['why']}{change}): {r['kernel']} {r['shape']} {r['dtype']} {r['provider']}")
+    only_a = len(a) - len(m)
+    n_reg = int(m["regression"].sum())
+    console.print(f"{len(m)} rows compared, {only_a} only in A, {len(b) - len(m)} only in B; "
+                  f"{n_reg} regression{'s' if n_reg != 1 else ''}")
+    return 1 if n_reg else 0
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+
+def rows_from_benchmark_json(path: str, kernels: Optional[list[str]] = None) -> tuple[list[dict], list[str]]:
+    """Result rows from pytest-benchmark's JSON (tests/bench_cpu.py puts each row's metadata in
+    extra_info). p20/p80 come from the raw samples when the JSON has them (--benchmark-save-data),
+    else from the quartiles."""
+    with open(path) as f:
+        data = json.load(f)
+    rows, notes, quartiles = [], [], False
+    for bm in data.get("benchmarks", []):
+        info = dict(bm.get("extra_info") or {})
+        if "kernel" not in info:
+            continue
+        if kernels and info.get("family") not in kernels and info.get("kernel") not in kernels:
+            continue
+        stats = bm.get("stats", {})
+        raw = stats.get("data")
+        if raw:
+            med, p20, p80 = bench._quantiles([1e3 * v for v in raw])
+        else:
+            quartiles = True
+            med, p20, p80 = 1e3 * stats["median"], 1e3 * stats.get("q1", math.nan), 1e3 * stats.get("q3", math.nan)
+        row = {c: info.get(c) for c in bench.RESULT_COLUMNS}
+        row.update(median_ms=med, p20_ms=p20, p80_ms=p80, reps=stats.get("rounds"), timer="pytest-benchmark",
+                   status=info.get("status", "ok"), note=info.get("note") or "")
+        rows.append(row)
+    when = data.get("datetime", "")
+    notes.append(f"timings from pytest-benchmark ({os.path.basename(path)}, {when}): each provider timed on its "
+                 "own, not interleaved")
+    if quartiles:
+        notes.append("the JSON has no raw samples (run with --benchmark-save-data): p20/p80 hold the quartiles")
+    return rows, notes
+
+
+def main(argv: Optional[list[str]] = None) -> int:  # `python -m tritonlab.report`
+    parser = argparse.ArgumentParser(prog="tritonlab report", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
