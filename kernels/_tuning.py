@@ -44,6 +44,10 @@ class TunableKernel:
     presets: Mapping[str, list[Shape]] = field(default_factory=dict)
     #: dtypes worth tuning
     dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+    #: shape dims that count tokens (bucketed to powers of two; decode never borrows prefill configs)
+    token_dims: tuple[str, ...] = ("T", "M")
+    #: optional shared-memory estimate (shape, config, dtype) -> bytes, used to prune configs before compiling
+    smem_bytes: Optional[Callable[[Shape, Config, torch.dtype], int]] = None
 
 
 _REGISTRY: dict[str, TunableKernel] = {}

@@ -1,0 +1,578 @@
+"""The autotuner: tuning database, lookup rule, provider cache, search strategies, tuner, CLI, scale-out.
+
+Runs on the CPU: the tree_route kernel through the Triton interpreter (tiny spaces, an injected timer
+so the winner is known), and synthetic kernels (pure torch) where a test is about the pipeline,
+not a kernel. Processes: two writers at once, a run killed mid-way and resumed, a worker pool, Ray
+(skipped when Ray is not installed: it is the optional extra tritonlab[ray]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonlab.autotune import database as dbm
+from tritonlab.autotune import provider, runner, search, tuner
+from tritonlab.autotune.cli import main as autotune_main
+from tritonlab.autotune.database import TuningDB, TuningFile, new_entry, shape_key
+from tritonlab.autotune.device import device_slug
+from tritonlab.kernels import _tuning
+from tritonlab.kernels._accuracy import rel_error
+from tritonlab.kernels.tree_routing import reference as tree_ref
+
+GPU = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture
+def cpu_pipeline(monkeypatch):
+    """Tuning on CPU tensors needs the interpreter flag (also on a GPU machine: these kernels are pure torch)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """A private user folder (TRITONLAB_CONFIG_DIR) and shipped folder; provider caches dropped."""
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setenv("TRITONLAB_CONFIG_DIR", str(user))
+    monkeypatch.setattr(dbm, "shipped_config_dir", lambda: shipped)
+    monkeypatch.delenv("TRITONLAB_AUTOTUNE", raising=False)
+    provider.reset()
+    yield user, shipped
+    provider.reset()
+
+
+def _entry(config, time_ms=1.0, shape=None, **kw):
+    return new_entry(config=config, time_ms=time_ms, default_config={"B": 16}, default_time_ms=2.0 * time_ms,
+                     shape=shape or {"T": 1, "D": 1}, device="test", **kw)
+
+
+def _double_kernel(name="fake_double", configs=None, bad=(), broken=(), calls=None):
+    """A pure-torch tunable kernel y = 2x: configs in `bad` give a wrong result, in `broken` raise."""
+    configs = configs or [{"B": b, "W": w} for b in (16, 32, 64) for w in (2, 4)]
+
+    def run(inp, cfg):
+        if calls is not None:
+            calls.append(dict(cfg))
+        if cfg in broken:
+            raise RuntimeError("boom: cannot compile")
+        return inp["x"] * (3 if cfg in bad else 2)
+
+    return _tuning.TunableKernel(
+        name=name, default=lambda s: {"B": 16, "W": 4}, space=lambda s: [dict(c) for c in configs],
+        make_inputs=lambda s, dt, dev: {"x": torch.randn(s["T"], s["D"], dtype=dt, device=dev)},
+        run=run, error=lambda inp, out: rel_error(out, 2 * inp["x"].double().cpu().numpy()),
+        tolerance=lambda dt: 1e-6, presets={"small": [{"T": 5, "D": 7}]}, dtypes=(torch.float32,))
+
+
+PLUGIN = '''
+"""Test plugin: a synthetic tunable kernel whose configs sleep S * 4 ms (no Triton needed)."""
+import time
+import torch
+from tritonlab.kernels._accuracy import rel_error
+from tritonlab.kernels._tuning import TunableKernel, register
+
+MADE = []  # shapes whose inputs were built, i.e. jobs that were tuned in this process
+
+def _inputs(shape, dtype, device):
+    MADE.append(dict(shape))
+    return {"x": torch.randn(shape["T"], shape["D"], dtype=dtype, device=device)}
+
+def _run(inp, cfg):
+    time.sleep(0.004 * cfg["S"])
+    return inp["x"] * 2
+
+register(TunableKernel(
+    name="fake_sleep", default=lambda s: {"S": 3}, space=lambda s: [{"S": v} for v in (1, 2, 3, 4)],
+    make_inputs=_inputs, run=_run, error=lambda inp, out: rel_error(out, 2 * inp["x"].double().cpu().numpy()),
+    tolerance=lambda dt: 1e-6, dtypes=(torch.float32,),
+    presets={"small": [{"T": t, "D": 8} for t in (2, 8, 32, 100, 300, 1000)]}))
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """The plugin module, importable here, in spawned workers and in subprocesses."""
+    name = f"tl_autotune_plugin_{os.getpid()}_{random.randrange(10**9)}"
+    (tmp_path / f"{name}.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    yield name
+    _tuning._REGISTRY.pop("fake_sleep", None)
+    sys.modules.pop(name, None)
+
+
+def _count(path: Path) -> int:
+    return dbm.entry_count(json.loads(path.read_text())) if path.exists() else 0
+
+
+def _slug() -> str:
+    return device_slug(runner.tuning_device())
+
+
+# ----------------------------------------------------------------------------- shape keys and the lookup rule
+
+def test_shape_key_buckets_token_dims_only():
+    assert [dbm.token_bucket(n) for n in (0, 1, 2, 3, 64, 65, 100, 4096)] == [1, 1, 2, 4, 64, 128, 128, 4096]
+    assert shape_key({"T": 100, "D": 768, "depth": 8}) == "D=768,T=128,depth=8"
+    assert shape_key({"M": 37, "N": 100, "K": 72}) == "K=72,M=64,N=100"
+    assert dbm.parse_shape_key("D=768,T=128,depth=8") == {"D": 768, "T": 128, "depth": 8}
+    assert dbm.is_decode(64) and dbm.is_decode(1) and not dbm.is_decode(65)
+
+
+def test_lookup_exact_then_nearest_never_decode_for_prefill(dirs):
+    user, shipped = dirs
+    db = TuningDB("gpu_test")
+    a, b, c = {"B": 1}, {"B": 2}, {"B": 3}
+    db.put("k", {"T": 16, "D": 768}, torch.float16, _entry(a, shape={"T": 16, "D": 768}))
+    db.put("k", {"T": 4096, "D": 768}, torch.float16, _entry(b, shape={"T": 4096, "D": 768}))
+    fresh = TuningDB("gpu_test")  # from disk
+    assert fresh.lookup("k", {"T": 16, "D": 768}, torch.float16) == (a, "exact")
+    assert fresh.lookup("k", {"T": 11, "D": 768}, torch.float16) == (a, "exact")  # same bucket (16)
+    assert fresh.lookup("k", {"T": 1, "D": 768}, torch.float16) == (a, "nearest")
+    # T=100 (bucket 128) is 3 octaves from the decode entry and 5 from the prefill one: prefill wins
+    assert fresh.lookup("k", {"T": 100, "D": 768}, torch.float16) == (b, "nearest")
+    assert fresh.lookup("k", {"T": 65, "D": 768}, torch.float16) == (b, "nearest")
+    assert fresh.lookup("k", {"T": 64, "D": 768}, torch.float16) == (a, "nearest")
+    # other dims: within a factor of 2, else nothing; another dtype or kernel: nothing
+    assert fresh.lookup("k", {"T": 4096, "D": 1024}, torch.float16) == (b, "nearest")
+    assert fresh.lookup("k", {"T": 4096, "D": 4096}, torch.float16) == (None, "none")
+    assert fresh.lookup("k", {"T": 4096, "D": 768}, torch.bfloat16) == (None, "none")
+    assert fresh.lookup("other", {"T": 4096, "D": 768}, torch.float16) == (None, "none")
+    # nearest prefers closer buckets
+    db.put("k", {"T": 1024, "D": 768}, torch.float16, _entry(c, shape={"T": 1024, "D": 768}))
+    assert db.lookup("k", {"T": 300, "D": 768}, torch.float16) == (c, "nearest")
+    # a space that does not offer the config for this shape vets it out: the next candidate serves
+    assert db.lookup("k", {"T": 300, "D": 768}, torch.float16, space=lambda s: [b]) == (b, "nearest")
+    assert db.lookup("k", {"T": 300, "D": 768}, torch.float16, space=lambda s: [{"B": 9}]) == (None, "none")
+
+
+def test_lookup_small_dims_are_structural(dirs):
+    db = TuningDB("gpu_test")
+    db.put("k", {"T": 4096, "D": 768, "depth": 8}, torch.float16, _entry({"B": 1}, shape={"T": 4096, "D": 768, "depth": 8}))
+    assert db.lookup("k", {"T": 2048, "D": 768, "depth": 8}, torch.float16)[1] == "nearest"
+    assert db.lookup("k", {"T": 4096, "D": 768, "depth": 6}, torch.float16) == (None, "none")
+    assert db.lookup("k", {"T": 4096, "D": 768}, torch.float16) == (None, "none")  # other dim names
+
+
+def test_prefill_problem_with_only_decode_entries_gets_the_default(dirs, monkeypatch):
+    kernel = _double_kernel("fake_decode_only")
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    TuningDB("gpu_test").put(kernel.name, {"T": 8, "D": 7}, torch.float32, _entry({"B": 64, "W": 2}, shape={"T": 8, "D": 7}))
+    monkeypatch.setitem(provider._SLUGS, ("cuda", 0), "gpu_test")  # pretend cuda:0 is the "gpu_test" device
+    dev = torch.device("cuda", 0)
+    assert _tuning.lookup_config(kernel.name, {"T": 8, "D": 7}, torch.float32, dev) == {"B": 64, "W": 2}
+    assert _tuning.lookup_config(kernel.name, {"T": 2, "D": 7}, torch.float32, dev) == {"B": 64, "W": 2}
+    assert _tuning.lookup_config(kernel.name, {"T": 200, "D": 7}, torch.float32, dev) == {"B": 16, "W": 4}
+    assert _tuning.lookup_config(kernel.name, {"T": 8, "D": 7}, torch.float16, dev) == {"B": 16, "W": 4}
+
+
+# ----------------------------------------------------------------------------- files
+
+def test_round_trip_records_times_versions_and_date(dirs):
+    user, _ = dirs
+    db = TuningDB("gpu_test")
+    entry = _entry({"B": 32, "W": 4}, time_ms=0.25, shape={"T": 100, "D": 768}, strategy="exhaustive")
+    key = db.put("k", {"T": 100, "D": 768}, torch.bfloat16, entry)
+    assert key == "D=768,T=128"
+    data = json.loads((user / "gpu_test.json").read_text())
+    stored = data["kernels"]["k"]["bfloat16"][key]
+    assert data["format"] == dbm.FORMAT_VERSION and data["slug"] == "gpu_test"
+    assert stored["config"] == {"B": 32, "W": 4} and stored["time_ms"] == 0.25 and stored["default_time_ms"] == 0.5
+    assert stored["speedup"] == 2.0 and stored["shape"] == {"T": 100, "D": 768}
+    for field in ("triton", "torch", "date", "default_config", "complete"):
+        assert field in stored
+    again = TuningDB("gpu_test")
+    assert again.get("k", {"T": 128, "D": 768}, torch.bfloat16) == stored
+    assert again.has("k", {"T": 100, "D": 768}, "bfloat16")
+    assert not again.has("k", {"T": 100, "D": 768}, "float16")
+
+
+def test_user_folder_overrides_shipped(dirs, monkeypatch, tmp_path):
+    user, shipped = dirs
+    assert dbm.user_config_dir() == user
+    monkeypatch.delenv("TRITONLAB_CONFIG_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert dbm.user_config_dir() == tmp_path / "xdg" / "tritonlab" / "configs"
+    monkeypatch.setenv("TRITONLAB_CONFIG_DIR", str(user))
+    TuningFile(shipped / "gpu_test.json").put("k", "float16", "D=8,T=128", _entry({"B": 1}, shape={"T": 128, "D": 8}))
+    TuningFile(shipped / "gpu_test.json").put("k", "float16", "D=8,T=1024", _entry({"B": 5}, shape={"T": 1024, "D": 8}))
+    TuningFile(user / "gpu_test.json").put("k", "float16", "D=8,T=128", _entry({"B": 2}, shape={"T": 128, "D": 8}))
+    db = TuningDB("gpu_test")
+    assert db.lookup("k", {"T": 128, "D": 8}, torch.float16) == ({"B": 2}, "exact")
+    assert db.lookup("k", {"T": 1024, "D": 8}, torch.float16) == ({"B": 5}, "exact")
+    sources = {key: src for _, _, key, _, src in db.entries()}
+    assert sources == {"D=8,T=128": "user", "D=8,T=1024": "shipped"}
+
+
+@pytest.mark.parametrize("garbage", ['{"kernels": {"k": ', "[1, 2, 3]", '{"kernels": {"k": {"float16": {"T=1": 5}}}}'])
+def test_corrupted_file_is_reported_and_set_aside(dirs, garbage):
+    user, _ = dirs
+    user.mkdir(parents=True)
+    path = user / "gpu_test.json"
+    path.write_text(garbage)
+    db = TuningDB("gpu_test")
+    with pytest.warns(RuntimeWarning, match="corrupted"):
+        assert db.lookup("k", {"T": 4, "D": 8}, torch.float16) == (None, "none")
+    aside = list(user.glob("gpu_test.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == garbage and not path.exists()
+    db.put("k", {"T": 4, "D": 8}, torch.float16, _entry({"B": 3}))
+    assert TuningDB("gpu_test").lookup("k", {"T": 4, "D": 8}, torch.float16) == ({"B": 3}, "exact")
+
+
+def test_merge_keeps_the_faster_winner(tmp_path):
+    a, b, dest = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out" / "gpu.json"
+    TuningFile(a).put("k", "float16", "T=1", _entry({"B": 1}, time_ms=1.0))
+    TuningFile(a).put("k", "float16", "T=2", _entry({"B": 1}, time_ms=3.0))
+    TuningFile(a).put("k", "float16", "T=4", _entry({"B": 1}, time_ms=1.0))
+    TuningFile(b).put("k", "float16", "T=1", _entry({"B": 2}, time_ms=2.0))
+    TuningFile(b).put("k", "float16", "T=2", _entry({"B": 2}, time_ms=0.5))
+    TuningFile(b).put("j", "bfloat16", "T=8", _entry({"B": 2}, time_ms=0.5))
+    TuningFile(dest).put("k", "float16", "T=4", _entry({"B": 3}, time_ms=0.1))
+    counts = dbm.merge_files([a, b], dest)
+    got = {(k, d, key): e["config"]["B"] for k, d, key, e in dbm.iter_entries(TuningFile(dest).load())}
+    assert got == {("k", "float16", "T=1"): 1, ("k", "float16", "T=2"): 2, ("k", "float16", "T=4"): 3,
+                   ("j", "bfloat16", "T=8"): 2}
+    assert counts == {"added": 3, "replaced": 1, "kept": 2}
+
+
+def _write_many(path: str, tag: str, n: int, barrier) -> None:
+    barrier.wait()
+    f = TuningFile(path)
+    for i in range(n):
+        f.put("k", "float16", f"T={i},W={tag}", _entry({"B": i}, time_ms=1.0 + i))
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    path = str(tmp_path / "gpu.json")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_many, args=(path, tag, 25, barrier)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    data = TuningFile(path).load()
+    keys = {key for _, _, key, _ in dbm.iter_entries(data)}
+    assert keys == {f"T={i},W={t}" for i in range(25) for t in "ab"}
+    assert not list(tmp_path.glob(".gpu.json.*.tmp"))  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- the provider
+
+def test_provider_is_cached_no_file_io_after_first_call(dirs, monkeypatch):
+    kernel = _double_kernel("fake_cached")
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    TuningDB("cpu").put(kernel.name, {"T": 5, "D": 7}, torch.float32, _entry({"B": 64, "W": 2}, shape={"T": 5, "D": 7}))
+    cpu = torch.device("cpu")
+    assert provider.config_provider(kernel.name, {"T": 5, "D": 7}, torch.float32, cpu) == {"B": 64, "W": 2}
+    assert provider.config_provider(kernel.name, {"T": 9999, "D": 7}, torch.float32, cpu) is None  # a miss
+
+    def no_io(*a, **k):
+        raise AssertionError("file I/O on the hot path")
+
+    monkeypatch.setattr(TuningFile, "_read", no_io)
+    monkeypatch.setattr(TuningFile, "load", no_io)
+    misses = provider.stats["misses"]
+    for _ in range(200):
+        assert provider.config_provider(kernel.name, {"T": 5, "D": 7}, torch.float32, cpu) == {"B": 64, "W": 2}
+        assert provider.config_provider(kernel.name, {"T": 9999, "D": 7}, torch.float32, cpu) is None
+    assert provider.stats["misses"] == misses
+    assert _tuning._provider is provider.config_provider  # installed by importing tritonlab.autotune
+
+
+def test_autotune_env_tunes_missing_entries_on_the_fly(dirs, monkeypatch, cpu_pipeline):
+    calls = []
+    kernel = _double_kernel("fake_onthefly", bad=[{"B": 64, "W": 2}], calls=calls)
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    cpu = torch.device("cpu")
+    shape = {"T": 6, "D": 7}
+    assert provider.config_provider(kernel.name, shape, torch.float32, cpu) is None
+    assert not calls and TuningDB("cpu").get(kernel.name, shape, torch.float32) is None
+    monkeypatch.setenv("TRITONLAB_AUTOTUNE", "1")
+    provider.reset()
+    got = provider.config_provider(kernel.name, shape, torch.float32, cpu)
+    stored = TuningDB("cpu").get(kernel.name, shape, torch.float32)
+    assert calls and stored is not None and got == stored["config"] and got != {"B": 64, "W": 2}
+    n = len(calls)
+    assert provider.config_provider(kernel.name, shape, torch.float32, cpu) == got and len(calls) == n
+    provider.reset()  # a fresh process finds the stored entry: no tuning again
+    assert provider.config_provider(kernel.name, shape, torch.float32, cpu) == got and len(calls) == n
+
+
+# ----------------------------------------------------------------------------- search strategies
+
+def _landscape(rng: random.Random, kind: str):
+    """A synthetic launch-config cost landscape: smooth (a convex quadratic in the parameters'
+    normalized ranks, with an interaction), a factor ~20 between best and worst, 3% noise, ~10%
+    configs failing, and structured pruning like a real space's (big tiles need too much memory)."""
+    params = {"gemm": {"BLOCK_M": [16, 32, 64, 128, 256], "BLOCK_N": [16, 32, 64, 128, 256],
+                       "BLOCK_K": [16, 32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4, 5]},
+              "route": {"BLOCK_T": [16, 32, 64], "BLOCK_D": [32, 64, 128, 256], "DENSE_LEVELS": [0, 2, 3, 4, 5, 6],
+                        "num_warps": [2, 4, 8]}}[kind]
+    names = list(params)
+    configs = [dict(zip(names, v)) for v in itertools.product(*params.values())]
+    if kind == "gemm":  # shared memory: stages * (BM*BK + BK*BN) * 2 bytes <= 228 KiB
+        configs = [c for c in configs if c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * 2 <= 228 * 1024]
+    else:
+        configs = [c for c in configs if not (c["BLOCK_T"] == 64 and c["BLOCK_D"] == 256)]
+    opt = [rng.random() for _ in names]
+    w = [rng.uniform(0.2, 1.0) for _ in names]
+    w = [3.0 * x / sum(w) * len(names) / 2 for x in w]
+    inter = rng.uniform(-1, 1) * math.sqrt(w[0] * w[1])
+    noise = {search.config_key(c): math.exp(rng.gauss(0, 0.03)) for c in configs}
+    failing = {k for k in noise if rng.random() < 0.1}
+
+    def cost(c):
+        key = search.config_key(c)
+        if key in failing:
+            return None
+        d = [params[p].index(c[p]) / (len(params[p]) - 1) - o for p, o in zip(names, opt)]
+        return math.exp(sum(wi * di * di for wi, di in zip(w, d)) + inter * d[0] * d[1]) * noise[key]
+
+    return configs, cost
+
+
+@pytest.mark.parametrize("kind", ["gemm", "route"])
+def test_budgeted_reaches_95_percent_with_a_quarter_of_the_measurements(kind):
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    for trial in range(4):
+        rng = random.Random(seed + trial)
+        configs, cost = _landscape(rng, kind)
+        measured = []
+
+        def objective(c):
+            measured.append(search.config_key(c))
+            return cost(c)
+
+        best = min(t for t in search.exhaustive(configs, cost).values() if t is not None)
+        found = search.budgeted(configs, objective, seed=rng.randrange(1000))
+        got = min(t for t in found.values() if t is not None)
+        assert len(measured) <= len(configs) // 4 and len(set(measured)) == len(measured)
+        assert best / got >= 0.95, f"seed {seed + trial}: {best / got:.3f} of the exhaustive winner's speed"
+
+
+def test_strategies_respect_caps_and_stop():
+    configs = [{"A": a, "B": b} for a in range(8) for b in range(8)]
+    calls = []
+    search.run_strategy("exhaustive", configs, lambda c: calls.append(c) or 1.0 + c["A"])
+    assert len(calls) == 64
+    calls.clear()
+    out = search.run_strategy("budgeted", configs, lambda c: calls.append(c) or 1.0 + c["A"], max_measurements=10)
+    assert len(calls) == len(out) == 10
+    calls.clear()
+    search.run_strategy("budgeted", configs, lambda c: calls.append(c) or 1.0, should_stop=lambda: len(calls) >= 3)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="strategy"):
+        search.run_strategy("annealing", configs, lambda c: 1.0)
+
+
+# ----------------------------------------------------------------------------- the tuner
+
+def test_prune_before_compiling(monkeypatch):
+    kernel = _double_kernel()
+    configs = [{"BLOCK_T": 16, "BLOCK_D": 32}, {"BLOCK_T": 24, "BLOCK_D": 32}, {"BLOCK_T": 16, "BLOCK_D": 256},
+               {"BLOCK_T": 16, "BLOCK_D": 32}, {"BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 3},
+               {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 5}]
+    monkeypatch.setattr(tuner, "smem_limit", lambda device: 100 * 1024)
+    kept, why = tuner.prune(kernel, {"T": 5, "D": 48}, configs, torch.float16, torch.device("cpu"))
+    assert kept == [{"BLOCK_T": 16, "BLOCK_D": 32}]
+    reasons = " | ".join(why.values())
+    assert "not a power of two" in reasons and "larger than the problem" in reasons
+    assert "shared memory" in reasons and "num_warps=3" in reasons
+    # a dim smaller than every block keeps the smallest block
+    kept, _ = tuner.prune(kernel, {"T": 1, "D": 48}, [{"BLOCK_T": 16}, {"BLOCK_T": 32}], torch.float16, torch.device("cpu"))
+    assert kept == [{"BLOCK_T": 16}]
+
+
+def test_tuner_end_to_end_tree_route_known_winner():
+    """The real tree_route kernel through the interpreter on a tiny space; the injected timer makes c2
+    the winner, c3 is faster but wrong, c4 fails to run, two configs are pruned before compiling."""
+    base = _tuning.registered()["tree_route"]
+    shape = dict(base.presets["small"][0])
+    c1 = {"BLOCK_T": 16, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 4}
+    c2 = {"BLOCK_T": 32, "BLOCK_D": 64, "DENSE_LEVELS": 2, "num_warps": 4}
+    c3 = {"BLOCK_T": 64, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 2}
+    c4 = {"BLOCK_T": 16, "BLOCK_D": 64, "DENSE_LEVELS": 0, "num_warps": 8}
+    pruned = [{"BLOCK_T": 24, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 4},
+              {"BLOCK_T": 16, "BLOCK_D": 256, "DENSE_LEVELS": 0, "num_warps": 4}]
+    default = base.default(shape)
+
+    def run(inp, cfg):
+        if cfg == c4:
+            raise RuntimeError("out of resources (simulated)")
+        out = base.run(inp, cfg)
+        return (out + 1) % 2 ** shape["depth"] if cfg == c3 else out
+
+    kernel = dataclasses.replace(base, space=lambda s: [c1, c2, c3, c4] + pruned, run=run)
+    cost = {search.config_key(c): t for c, t in ((c1, 2.0), (c2, 1.0), (c3, 0.5), (default, 3.0))}
+    timed = []
+
+    def timer(fn, cfg):
+        fn()  # the real (interpreted) kernel runs under the timer too
+        timed.append(cfg)
+        return cost[search.config_key(cfg)]
+
+    dev = torch.device("cuda" if GPU else "cpu")
+    res = tuner.tune(kernel, shape, torch.float32, dev, strategy="exhaustive", timer=timer)
+    assert res.ok and res.best_config == c2 and res.best_time_ms == 1.0
+    assert res.default_config == default and res.default_time_ms == 3.0 and res.speedup == 3.0
+    status = {search.config_key(t.config): t.status for t in res.trials}
+    assert status[search.config_key(c3)] == "wrong" and status[search.config_key(c4)] == "failed"
+    assert sorted(status[search.config_key(c)] for c in pruned) == ["pruned", "pruned"]
+    assert all(search.config_key(c) not in map(search.config_key, timed) for c in [c3, c4] + pruned)
+    reasons = res.skipped()
+    assert "out of resources" in reasons[search.config_key(c4)] and "tolerance" in reasons[search.config_key(c3)]
+    # the winner really routes like the float64 reference
+    inp = kernel.make_inputs(shape, torch.float32, dev)
+    out = base.run(inp, res.best_config).cpu().numpy()
+    ref = tree_ref.tree_route_ref(*(inp[k].double().cpu().numpy() for k in ("x", "w", "b")))
+    assert base.error(inp, torch.from_numpy(out)) == 0.0 and (out == ref).mean() > 0.95
+    entry = res.entry()
+    assert entry["config"] == c2 and entry["rejected"] == 4 and entry["measured"] == 5 and entry["complete"]
+
+
+def test_tuner_with_nothing_correct_reports_why(cpu_pipeline):
+    kernel = _double_kernel(configs=[{"B": 16, "W": 2}], bad=[{"B": 16, "W": 2}, {"B": 16, "W": 4}])
+    res = tuner.tune(kernel, {"T": 3, "D": 5}, torch.float32, torch.device("cpu"), timer=lambda fn, c: 1.0)
+    assert not res.ok and "no config ran correctly" in res.error and "tolerance" in res.error
+    with pytest.raises(ValueError, match="no config"):
+        res.entry()
+
+
+def test_run_job_writes_and_skips_done_jobs(dirs, monkeypatch):
+    calls = []
+    kernel = _double_kernel("fake_jobs", calls=calls)
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    job = runner.Job.make(kernel.name, {"T": 5, "D": 7}, torch.float32)
+    cost = lambda fn, c: float(c["B"] * c["W"]) if fn() is not None else 0.0  # noqa: E731
+    opts = runner.Options(strategy="exhaustive", timer=cost)
+    s = runner.run_job(job, opts)
+    assert s["status"] == "tuned" and s["config"] == {"B": 16, "W": 2} and s["time_ms"] == 32.0
+    assert s["default_time_ms"] == 64.0 and s["speedup"] == 2.0
+    n = len(calls)
+    again = runner.run_job(job, opts)
+    assert again["status"] == "cached" and len(calls) == n
+    assert runner.run_job(job, dataclasses.replace(opts, retune=True))["status"] == "tuned" and len(calls) > n
+    late = runner.run_job(runner.Job.make(kernel.name, {"T": 500, "D": 7}, torch.float32),
+                          dataclasses.replace(opts, deadline=time.time() - 1))
+    assert late["status"] == "skipped" and "budget" in late["reason"]
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def test_cli_tunes_tree_route_under_the_interpreter_then_nothing_new(dirs, capsys):
+    user, _ = dirs
+    args = ["--kernel", "tree_route", "--preset", "small", "--strategy", "budgeted", "--max-measurements", "2",
+            "--config-dir", str(user)]
+    assert autotune_main(args) == 0
+    out = capsys.readouterr().out
+    assert "tree_route" in out and "tuned" in out and "speedup" in out
+    db = TuningDB(_slug(), user_dir=user)
+    shape = _tuning.registered()["tree_route"].presets["small"][0]
+    entry = db.get("tree_route", shape, torch.bfloat16)
+    assert entry is not None and entry["measured"] <= 2 and entry["strategy"] == "budgeted"
+    assert autotune_main(args) == 0
+    out = capsys.readouterr().out
+    assert "nothing new to tune" in out and "cached" in out
+    assert autotune_main(["--show", "--config-dir", str(user)]) == 0
+    assert "tree_route" in capsys.readouterr().out
+
+
+def test_cli_without_gpu_or_interpreter_says_so(dirs, monkeypatch, capsys):
+    if GPU:
+        pytest.skip("this machine has a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert autotune_main(["--kernel", "tree_route", "--preset", "small"]) == 2
+    assert "no GPU to tune" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert autotune_main(["--kernel", "no_such_kernel", "--preset", "small"]) == 2
+    assert "no_such_kernel" in capsys.readouterr().err
+
+
+def test_cli_merge(dirs, tmp_path, capsys):
+    user, _ = dirs
+    a = tmp_path / "gpu_x.json"
+    TuningFile(a).put("k", "float16", "T=1", _entry({"B": 1}, time_ms=1.0))
+    assert autotune_main(["--merge", str(a), "--config-dir", str(user)]) == 0
+    assert "1 added" in capsys.readouterr().out
+    assert TuningDB("gpu_x", user_dir=user).get("k", {"T": 1}, "float16")["config"] == {"B": 1}
+
+
+@pytest.mark.skipif(GPU, reason="CPU pipeline test (the subprocess runs the interpreter path)")
+def test_run_killed_midway_keeps_entries_and_resumes(dirs, plugin, capsys):
+    user, _ = dirs
+    args = ["--import", plugin, "--kernel", "fake_sleep", "--preset", "small", "--config-dir", str(user)]
+    code = f"import sys; from tritonlab.autotune.cli import main; sys.exit(main({args!r}))"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    path = user / "cpu.json"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    try:
+        while _count(path) < 2 and proc.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    kept = _count(path)  # the file parses: never half-written
+    assert 2 <= kept < 6, f"killed after {kept} entries: {proc.stderr.read().decode()[-2000:]}"
+    module = __import__(plugin)
+    module.MADE.clear()
+    assert autotune_main(args) == 0
+    assert len(module.MADE) == 6 - kept and _count(path) == 6  # only the missing jobs were tuned
+    module.MADE.clear()
+    assert autotune_main(args) == 0
+    assert module.MADE == [] and "nothing new to tune" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(GPU, reason="CPU pipeline test (workers pinned to GPUs otherwise)")
+def test_worker_pool_tunes_in_other_processes(dirs, plugin):
+    user, _ = dirs
+    __import__(plugin)
+    jobs = runner.plan(["fake_sleep"], "small")
+    got = []
+    opts = runner.Options(strategy="budgeted", max_measurements=2, config_dir=str(user), imports=(plugin,))
+    runner.run_pool(jobs, opts, 2, got.append)
+    assert sorted(s["status"] for s in got) == ["tuned"] * 6
+    assert os.getpid() not in {s["pid"] for s in got}
+    assert _count(user / "cpu.json") == 6
+
+
+@pytest.mark.skipif(GPU, reason="CPU pipeline test (the interpreter path)")
+def test_ray_local_cluster(dirs, plugin, capsys):
+    pytest.importorskip("ray")
+    user, _ = dirs
+    args = ["--import", plugin, "--kernel", "fake_sleep", "--preset", "small", "--config-dir", str(user),
+            "--ray", "local", "--strategy", "budgeted", "--max-measurements", "2"]
+    assert autotune_main(args) == 0
+    assert _count(user / "cpu.json") == 6
+    assert "fake_sleep" in capsys.readouterr().out
+
+
+def test_ray_missing_is_a_clear_error(dirs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(RuntimeError, match=r"tritonlab\[ray\]"):
+        runner.import_ray()
+
+
+def test_budgeted_on_a_tiny_space_with_failures():
+    """Fewer than three runnable configs: no cost model, the search falls back to local moves."""
+    out = search.budgeted([{"A": 1}, {"A": 2}, {"A": 3}], lambda c: None if c["A"] == 1 else float(c["A"]))
+    assert out == {"A=1": None, "A=2": 2.0, "A=3": 3.0}
