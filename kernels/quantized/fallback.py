@@ -35,7 +35,9 @@ def quantize_torch(x: torch.Tensor, qname: str, granularity: str) -> tuple[torch
         amax = xf.abs().amax(dim=0, keepdim=True)
     else:
         amax = xf.abs().amax()
-    scale = amax / qmax
+    # A tensor divisor, not the Python float: CUDA torch turns division by a host scalar into a
+    # multiplication by its reciprocal, which is off by one ulp for some amax (seen on an H100).
+    scale = amax / torch.full((), qmax, device=amax.device)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     v = xf * (1.0 / scale)
     v = torch.nan_to_num(v, nan=0.0, posinf=qmax, neginf=-qmax).clamp_(-qmax, qmax)
