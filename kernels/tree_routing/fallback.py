@@ -7,7 +7,7 @@ root and one batched matmul gives every token's logits for its whole subtree at 
 subtree is then a few gathers on a [T, 16] tensor. So x is read once per 4 levels instead of once
 per level, and no [T, D] gather of node rows is ever built. Logits are computed in float32.
 
-Leaf MLPs run as padded grouped matmuls (see kernels/_grouping.py).
+Leaf MLPs run through the grouped-GEMM family's fallback (grouped_gemm/fallback.py: leaf_mlp_torch).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .._backend import torch_activation
 from .._grouping import PaddedGroups
+from ..grouped_gemm.fallback import leaf_mlp_torch
 
 ROUTE_STAGE = 4
 
@@ -89,30 +90,6 @@ def tree_route_torch(x, node_weight, node_bias):
     depth = (node_weight.shape[0] + 1).bit_length() - 1
     node, _, _ = tree_walk_torch(x, node_weight, node_bias, depth)
     return (node - (2**depth - 1)).to(torch.int32)
-
-
-def leaf_mlp_torch(x, leaf, w1, b1, w2, b2, activation):
-    """y[t] = act(x[t] @ w1[l] + b1[l]) @ w2[l] + b2[l], l = leaf[t]; padded grouped matmuls.
-
-    On the CPU, half-precision inputs are computed in float32 (CPU half matmuls are slow and
-    round the hidden layer); on CUDA in the input dtype with float32 accumulation (cuBLAS).
-    """
-    compute = torch.float32 if (x.device.type == "cpu" and x.dtype != torch.float32) else x.dtype
-    d, h, o = w1.shape[1], w1.shape[2], w2.shape[2]
-    groups = PaddedGroups.build(leaf, w1.shape[0], row_bytes=d + h + o, group_bytes=d * h + h * o)
-    xt = groups.pad(x.to(compute))
-    h = _bmm_bias(xt, groups.per_tile(w1).to(compute), None if b1 is None else groups.per_tile(b1).to(compute))
-    h = torch_activation(h, activation)
-    y = _bmm_bias(h, groups.per_tile(w2).to(compute), None if b2 is None else groups.per_tile(b2).to(compute))
-    return groups.unpad(y).to(x.dtype)
-
-
-def _bmm_bias(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """a [n, r, k] @ w [n, k, c] (+ bias [n, c] broadcast over r; baddbmm with a broadcast bias measured 2x slower on CPU)."""
-    out = torch.bmm(a, w)
-    if bias is not None:
-        out += bias[:, None, :]
-    return out
 
 
 def fff_forward_torch(x, node_weight, node_bias, w1, b1, w2, b2, activation):

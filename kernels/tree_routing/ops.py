@@ -18,6 +18,7 @@ from .._backend import (FLOAT_DTYPES, check_activation, dispatch, check_same_dev
                         flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import interpreting, triton
 from .._tuning import TunableKernel, lookup_config, register
+from ..grouped_gemm.ops import leaf_mlp_triton
 from . import fallback, reference
 from .triton_kernels import fff_fused_kernel, path_accumulate_kernel, tree_walk_kernel
 
@@ -110,7 +111,7 @@ def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, confi
         x, w, w if b is None else b, leaf, path_nodes, path_logits, t, d, x.stride(0), w.stride(0),
         LEVELS=levels, HAS_BIAS=b is not None, STORE_LEAF=store_leaf, STORE_PATH=store_path,
         DENSE_LEVELS=dense, DENSE_COLS=max(16, next_pow2(2**dense - 1)),
-        UPCAST_DOT=(x.dtype == torch.float32 or interpreting()),
+        UPCAST_DOT=(x.dtype == torch.float32 or interpreting()), RESIDENT=cfg["BLOCK_D"] >= d,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return leaf, path_nodes, path_logits
 
@@ -178,8 +179,8 @@ def _fff_forward_impl(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Opt
         leaf = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
     else:
         leaf = _walk_triton(x, node_weight, node_bias, depth, store_leaf=True, store_path=False)[0]
-    # Interim grouped leaf compute (padded batched matmuls) until the grouped-GEMM family lands.
-    return fallback.leaf_mlp_torch(x, leaf.long(), w1, b1, w2, b2, activation), leaf
+    # The leaves as one grouped computation (grouped_gemm.leaf_mlp's Triton path; no host sync).
+    return leaf_mlp_triton(x, leaf.view(-1, 1), w1, b1, w2, b2, activation), leaf
 
 
 _fff_forward_op = torch.library.custom_op("tritonlab::fff_forward", _fff_forward_impl, mutates_args=())

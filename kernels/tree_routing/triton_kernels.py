@@ -44,14 +44,14 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
                      LEVELS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      STORE_LEAF: tl.constexpr, STORE_PATH: tl.constexpr,
                      DENSE_LEVELS: tl.constexpr, DENSE_COLS: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                     RESIDENT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
-    # When one BLOCK_D chunk covers D, the x tile is loaded once and stays in registers for every
-    # level (x is read from memory exactly once); otherwise each level streams x in chunks.
-    RESIDENT: tl.constexpr = BLOCK_D >= D
+    # RESIDENT (BLOCK_D >= D, decided by the launcher): the x tile is loaded once and stays in
+    # registers for every level (x is read from memory exactly once); otherwise each level streams
+    # x in BLOCK_D chunks.
     if RESIDENT:
         dd_all = tl.arange(0, BLOCK_D)
         x_res = tl.load(x_rows + dd_all[None, :], mask=rmask[:, None] & (dd_all < D)[None, :], other=0.0)

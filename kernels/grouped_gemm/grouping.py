@@ -1,0 +1,88 @@
+"""Device-side grouping of slots by group id for the Triton kernels: no host sync, no loop over groups.
+
+A slot is one (token, choice) pair: slot s = t * k + j has group indices[t, j]. The kernels work
+on the slots sorted by group ("sorted rows"): group g owns sorted rows [offsets[g], offsets[g+1]).
+Everything here is a handful of torch ops on the device (a stable sort and searchsorted), whose
+sizes depend only on T, k and G, so nothing waits for the GPU:
+
+- `offsets` from searchsorted on the sorted ids (no bincount: CUDA bincount reads the max on the host);
+- per-tile maps for a tile height BLOCK_M: tile i belongs to group tile_group[i] and starts at
+  sorted row tile_row[i]; groups are padded to whole tiles. The number of tiles is data dependent,
+  so the map is sized by the upper bound cdiv(M, BLOCK_M) + min(G, M) (each non-empty group wastes
+  at most one partial tile) and surplus entries carry group id G, which makes their programs exit.
+
+For decode sizes (T*k <= DIRECT_MAX_SLOTS, G <= DIRECT_MAX_GROUPS) the plan is `direct`: nothing
+is sorted and no grouping op runs; the forward GEMMs then take one program per group that masks
+the slots routed to it (launch latency, not bandwidth, is what counts at that size).
+
+Out-of-range ids (only possible when the range check was skipped under torch.compile) sort
+before offsets[0] or after offsets[G] and so belong to no tile: they are never read by a kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+
+#: largest slot count (T*k) and group count for the direct (sort-free) forward plan
+DIRECT_MAX_SLOTS = 64
+DIRECT_MAX_GROUPS = 1024
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class DeviceGrouping:
+    """Slots of `indices` [T, k] sorted by group on the device (see module docstring)."""
+
+    def __init__(self, indices: torch.Tensor, num_groups: int, direct: bool = False):
+        t, k = indices.shape
+        self.num_tokens, self.topk, self.num_groups = t, k, num_groups
+        self.num_slots = t * k
+        self.ids = indices.reshape(-1)  # int64 [M], slot order
+        #: decode-size plan: no sort at all, the GEMM kernel masks slots per group (see triton_kernels)
+        self.direct = direct
+        if direct:
+            return
+        dev = indices.device
+        sorted_ids, order = torch.sort(indices.reshape(-1).to(torch.int64), stable=True)
+        bounds = torch.searchsorted(sorted_ids, torch.arange(num_groups + 1, device=dev, dtype=torch.int64))
+        self.order = order  # int64 [M]: slot at each sorted row
+        self.sorted_slot = order.to(torch.int32)
+        self.offsets64 = bounds  # int64 [G + 1]
+        self.offsets = bounds.to(torch.int32)
+        self.sorted_group = sorted_ids.clamp(0, num_groups - 1)  # int64 [M] (clamped: safe as an index)
+        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._nonempty: torch.Tensor | None = None
+
+    @property
+    def sorted_token(self) -> torch.Tensor:
+        """int64 [M]: token of each sorted row."""
+        return self.order // self.topk
+
+    def max_tiles(self, block_m: int) -> int:
+        return cdiv(self.num_slots, block_m) + min(self.num_groups, self.num_slots)
+
+    def tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tile_group, tile_row), int32 [max_tiles(block_m)]; tile_group == G marks a surplus tile."""
+        if block_m not in self._tiles:
+            g = self.num_groups
+            counts = self.offsets64[1:] - self.offsets64[:-1]
+            per_group = (counts + block_m - 1) // block_m
+            tile_end = torch.cumsum(per_group, 0)
+            ids = torch.arange(self.max_tiles(block_m), device=counts.device, dtype=torch.int64)
+            tile_group = torch.searchsorted(tile_end, ids, right=True)
+            gc = tile_group.clamp(max=g - 1)
+            tile_row = self.offsets64[gc] + (ids - (tile_end[gc] - per_group[gc])) * block_m
+            self._tiles[block_m] = (tile_group.to(torch.int32), tile_row.to(torch.int32))
+        return self._tiles[block_m]
+
+    def nonempty_groups(self) -> torch.Tensor:
+        """int32 [min(G, M)]: the ids of the non-empty groups in order, padded with G."""
+        if self._nonempty is None:
+            counts = self.offsets64[1:] - self.offsets64[:-1]
+            running = torch.cumsum(counts > 0, 0)
+            n = min(self.num_groups, self.num_slots)
+            want = torch.arange(1, n + 1, device=counts.device, dtype=running.dtype)
+            self._nonempty = torch.searchsorted(running, want).to(torch.int32)
+        return self._nonempty

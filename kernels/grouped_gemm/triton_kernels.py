@@ -1,0 +1,188 @@
+"""@triton.jit kernels for grouped (leaf / expert) GEMMs. Launchers are in ops.py, the grouping in grouping.py.
+
+Rows are slots sorted by group (grouping.py): group g owns sorted rows [offsets[g], offsets[g+1]).
+
+- `grouped_gemm_kernel`: one program per (row tile, column block), in GROUP_M-swizzled order
+  (DIRECT: per (group, column block) over all slots, for decode sizes: no grouping step at all). The tile's group comes from
+  the per-tile map; A rows are gathered inside the loads (row = token of the slot, x[slot // k])
+  or read in sorted order (an intermediate that stays grouped); the epilogue adds the group's
+  bias, applies the activation (or gated SwiGLU from two accumulators: gate columns n, up columns
+  n + up_offset), multiplies by the slot's route weight, and stores either scattered to the slot's
+  row or in sorted order. Each output element is written by exactly one program: no atomics.
+- `slot_sum_kernel`: y[t] = sum_j buf[t * k + j] in a fixed order (j = 0..k-1), float32 sums, so
+  k > 1 results are the same bits run to run.
+- `grouped_wgrad_kernel`: dW[g] = sum over g's rows of A_row^T (rw * B_row) and db[g] = sum of
+  rw * B_row, one program per (group, D block, N block) looping over the group's rows; rows of A
+  and B are gathered or sorted like above. Deterministic (each output owned by one program).
+"""
+from __future__ import annotations
+
+from .._triton import HAS_TRITON, jit, tl
+
+if HAS_TRITON:
+    from .._triton import apply_activation
+
+
+@jit
+def _mma(acc, a, b, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with float32 accumulation; UPCAST_DOT: exact float32 products (float32 data, or
+    the interpreter, which cannot multiply bf16 tiles)."""
+    if UPCAST_DOT:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n) in groups of GROUP_M row blocks that sweep all column blocks
+    together, so the A rows of a group stay in L2 while the B columns stream (Triton's matmul order)."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@jit
+def grouped_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, rw_ptr, out_ptr,
+    sorted_slot_ptr, tile_group_ptr, tile_row_ptr, offsets_ptr, ids_ptr,
+    num_groups, num_slots, num_pid_m, N, K, up_offset,
+    stride_am, stride_ak, stride_wg, stride_wk, stride_wn, stride_bg, stride_bn, stride_om, stride_on,
+    TOPK: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RW: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr, UPCAST_DOT: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    if DIRECT:
+        # Decode-size problems (all slots fit one tile): no sorting. Program g takes every slot and
+        # masks those routed to group g; groups nobody chose exit before reading their weights.
+        # Rows are slots, so "sorted" order is slot order here.
+        g = pid_m
+        rows = tl.arange(0, BLOCK_M)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_slots, other=-1)
+        rmask = ids == g
+        if tl.sum(rmask.to(tl.int32), axis=0) == 0:
+            return
+        slot = rows
+    else:
+        g = tl.load(tile_group_ptr + pid_m)
+        if g >= num_groups:  # surplus tile of the upper-bound grid
+            return
+        row0 = tl.load(tile_row_ptr + pid_m)
+        row_end = tl.load(offsets_ptr + g + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < row_end
+        slot = tl.load(sorted_slot_ptr + rows, mask=rmask, other=0)
+    if GATHER_A:
+        a_rows = slot // TOPK
+    else:
+        a_rows = rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    a_base = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
+    w_base = w_ptr + g.to(tl.int64) * stride_wg
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        a = tl.load(a_base + kk[None, :] * stride_ak, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & cmask[None, :]
+        w = tl.load(w_base + kk[:, None] * stride_wk + cols[None, :] * stride_wn, mask=wmask, other=0.0)
+        acc = _mma(acc, a, w, UPCAST_DOT)
+        if SWIGLU:
+            wu = tl.load(w_base + kk[:, None] * stride_wk + (cols + up_offset)[None, :] * stride_wn, mask=wmask, other=0.0)
+            acc_up = _mma(acc_up, a, wu, UPCAST_DOT)
+    if HAS_BIAS:
+        b_base = bias_ptr + g.to(tl.int64) * stride_bg
+        acc += tl.load(b_base + cols * stride_bn, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_up += tl.load(b_base + (cols + up_offset) * stride_bn, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        acc = apply_activation(acc, 3) * acc_up  # silu(gate) * up
+    else:
+        acc = apply_activation(acc, ACT)
+    if HAS_RW:
+        acc = acc * tl.load(rw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    if SCATTER_OUT:
+        out_rows = slot
+    else:
+        out_rows = rows
+    out_ptrs = out_ptr + out_rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@jit
+def slot_sum_kernel(buf_ptr, out_ptr, T, N, stride_bm, stride_om,
+                    TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = (rows < T)[:, None] & (cols < N)[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    base = buf_ptr + (rows.to(tl.int64) * TOPK)[:, None] * stride_bm + cols[None, :]
+    for j in tl.static_range(TOPK):  # fixed order: the same bits every run
+        acc += tl.load(base + j * stride_bm, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@jit
+def grouped_wgrad_kernel(
+    a_ptr, b_ptr, rw_ptr, dw_ptr, db_ptr,
+    sorted_slot_ptr, offsets_ptr, group_list_ptr,
+    num_groups, DA, NB, blocks_d, blocks_n,
+    stride_am, stride_ak, stride_bm, stride_bn, stride_wg, stride_wd, stride_wn, stride_dbg, stride_dbn,
+    TOPK: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, HAS_RW: tl.constexpr,
+    HAS_DB: tl.constexpr, COMPACT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    per_group = blocks_d * blocks_n
+    gi = pid // per_group  # group-major: a group's rows stay in L2 while its dW blocks are computed
+    pid_d, pid_n = _swizzle(pid % per_group, blocks_d, blocks_n, GROUP_M)
+    if COMPACT:  # programs only for the non-empty groups (the caller zero-filled dW and db)
+        g = tl.load(group_list_ptr + gi)
+        if g >= num_groups:
+            return
+    else:
+        g = gi
+    start = tl.load(offsets_ptr + g)
+    end = tl.load(offsets_ptr + g + 1)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dmask = dd < DA
+    nmask = nn < NB
+    acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < end
+        slot = tl.load(sorted_slot_ptr + rows, mask=rmask, other=0)
+        if GATHER_A:
+            a_rows = slot // TOPK
+        else:
+            a_rows = rows
+        if GATHER_B:
+            b_rows = slot // TOPK
+        else:
+            b_rows = rows
+        at = tl.load(a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + dd[:, None] * stride_ak,
+                     mask=dmask[:, None] & rmask[None, :], other=0.0)  # [BLOCK_D, BLOCK_R] = A rows transposed
+        bt = tl.load(b_ptr + b_rows.to(tl.int64)[:, None] * stride_bm + nn[None, :] * stride_bn,
+                     mask=rmask[:, None] & nmask[None, :], other=0.0)
+        if HAS_RW:
+            rw = tl.load(rw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+            bt = (bt.to(tl.float32) * rw[:, None]).to(bt.dtype)
+        acc = _mma(acc, at, bt, UPCAST_DOT)
+        if HAS_DB:
+            db += tl.sum(bt.to(tl.float32), axis=0)
+    w_ptrs = dw_ptr + g.to(tl.int64) * stride_wg + dd[:, None] * stride_wd + nn[None, :] * stride_wn
+    tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=dmask[:, None] & nmask[None, :])
+    if HAS_DB:
+        if pid_d == 0:
+            tl.store(db_ptr + g.to(tl.int64) * stride_dbg + nn * stride_dbn, db.to(db_ptr.dtype.element_ty), mask=nmask)
