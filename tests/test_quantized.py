@@ -98,6 +98,19 @@ def test_quantize_every_config_is_exact(device):
     assert kernel.space({"M": 4096, "N": 14336, "G": 0}) and kernel.presets["models"]
 
 
+@pytest.mark.parametrize("qname", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_negative_values_that_round_to_zero_keep_their_sign(backend, device, qname):
+    """-tiny quantizes to -0 (0x80), as the fp8 cast and ml_dtypes give, not +0."""
+    x = rand(5, 37, device=device)
+    x[:, 0] = 1e4  # a large amax, so the tiny entries below round to zero on the fp8 grid
+    x[:, 1:9] = -torch.rand(5, 8, device=device) * 1e-9
+    q, scale = tritonlab.quantize(x, qname, "row", backend=backend)
+    rq, _ = ref.quantize_ref(np64(x), qname, "row")
+    got = qvalues(q)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(rq.astype(np.float64)))
+    assert np.signbit(got[:, 1:9]).all() and (got[:, 1:9] == 0).all()
+
+
 def test_quantize_row_spans_blocks_and_odd_rows(backend, device):
     x = rand(3, 1000, device=device, dtype=torch.bfloat16, scale=4.0)
     for qname in QNAMES:

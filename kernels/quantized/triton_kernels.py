@@ -46,11 +46,15 @@ def _round_to_grid(v, KIND: tl.constexpr, QMAX: tl.constexpr, MANT: tl.constexpr
         v = (v + 12582912.0) - 12582912.0
     else:
         # Grid step of v's binade: 2**(max(e, EMIN) - MANT); scale by powers of two (exact), round.
-        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        bits = v.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127
         e = tl.maximum(e, EMIN) - MANT
         step = ((e + 127) << 23).to(tl.float32, bitcast=True)
         inv_step = ((127 - e) << 23).to(tl.float32, bitcast=True)
         v = ((v * inv_step + 12582912.0) - 12582912.0) * step
+        # (-tiny + M) - M is +0: put the sign bit back so a negative value that rounds to zero
+        # becomes -0, as the fp8 cast (and ml_dtypes) gives (seen as 0x00 vs 0x80 on an H100).
+        v = (v.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return v
 
 
