@@ -1,0 +1,128 @@
+"""Torch fallbacks for FFT token mixing (torch.fft pipelines, vectorized over batch and channels),
+and the parameter gradients (filter and kernel), which every backend computes here.
+
+x is [B, S, D]; the math runs in float32 (complex64), or float64 for float64 inputs; outputs come
+back in x's dtype. Real transforms (rfft/irfft) are used throughout: half the work of complex ones.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def complex_dtype(real: torch.dtype) -> torch.dtype:
+    return torch.complex128 if real == torch.float64 else torch.complex64
+
+
+def fast_len(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n: a length the FFT libraries handle at full speed."""
+    best = 1 << max(n - 1, 0).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            v = p35
+            while v < n:
+                v *= 2
+            best = min(best, v)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def edge_mask(s: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[S//2 + 1, 1]: 0 at the bins irfft takes as real (DC, and Nyquist for even S), 1 elsewhere."""
+    m = torch.ones(s // 2 + 1, 1, device=device, dtype=dtype)
+    m[0] = 0
+    if s % 2 == 0:
+        m[-1] = 0
+    return m
+
+
+def hermitian_filter(filt: torch.Tensor, s: int, real: torch.dtype) -> torch.Tensor:
+    """filt in complex(real) with the imaginary parts irfft ignores set to zero.
+
+    numpy's irfft drops them; cuFFT's C2R assumes a Hermitian input and need not, so the fallback
+    removes them explicitly to give numpy's result on every device.
+    """
+    f = filt.to(complex_dtype(real))
+    return torch.complex(f.real, f.imag * edge_mask(s, f.device, real))
+
+
+def fnet_mix_torch(x: torch.Tensor) -> torch.Tensor:
+    """Re(FFT_S(FFT_D(x))): rfft along D, complex FFT along S on the half spectrum, then the other
+    half of the real part by symmetry: Re Z[s, D - d] = Re Z[-s mod S, d] for real x (two flips
+    instead of gathers: the cheapest on CPU)."""
+    b, s, d = x.shape
+    z = torch.fft.fft(torch.fft.rfft(x.to(compute_dtype(x)), dim=-1), dim=-2).real
+    h = d // 2 + 1
+    if h == d:
+        return z.to(x.dtype)
+    y = torch.empty(b, s, d, device=x.device, dtype=z.dtype)
+    y[..., :h] = z
+    tail = z[..., 1: d - h + 1].flip(-1)  # column D - d' for d' = h..D-1
+    y[:, :1, h:] = tail[:, :1]
+    y[:, 1:, h:] = tail[:, 1:].flip(1)  # row -s mod S
+    return y.to(x.dtype)
+
+
+def spectral_filter_torch(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+    """irfft(rfft(x, dim=S) * filt, n=S); filt [S//2+1, D] or [B or 1, S//2+1, D] complex."""
+    s = x.shape[1]
+    real = compute_dtype(x)
+    spec = torch.fft.rfft(x.to(real), dim=1) * filt.to(complex_dtype(real))
+    # irfft takes DC (and Nyquist) as real: drop their imaginary parts here (numpy does; cuFFT's C2R
+    # assumes a Hermitian input and need not). The rfft of x is real there, so this is the product
+    # with filt's imaginary parts dropped at those bins, as numpy computes.
+    imag = spec.imag
+    imag[:, 0].zero_()
+    if s % 2 == 0:
+        imag[:, -1].zero_()
+    return torch.fft.irfft(spec, n=s, dim=1).to(x.dtype)
+
+
+def fft_conv_torch(x: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Long convolution along S with k [L, D], L <= S: causal (linear, truncated) or circular."""
+    s = x.shape[1]
+    real = compute_dtype(x)
+    n = fast_len(2 * s - 1) if causal else s
+    spec = torch.fft.rfft(x.to(real), n=n, dim=1)
+    spec *= torch.fft.rfft(k.to(real), n=n, dim=0)
+    y = torch.fft.irfft(spec, n=n, dim=1)
+    return (y[:, :s] if n != s else y).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- parameter gradients
+
+def spectral_filter_grad_filt(x: torch.Tensor, g: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+    """dL/dfilt (torch's convention: dL/dRe + i dL/dIm) of y = irfft(rfft(x) * filt, n=S).
+
+    With c = irfft(filt) the op is a circular convolution y = c * x, so dL/dc is the circular
+    cross-correlation of g with x, whose spectrum is G conj(X). Then c = irfft(filt) gives
+    dL/dfilt[k] = w_k / S * G[k] conj(X[k]), w_k = 2 except 1 at DC and Nyquist (the bins counted
+    once), with a zero imaginary part at those bins (irfft ignores it). Summed over the batch when
+    the filter is shared. Returned in filt's dtype and shape.
+    """
+    s = x.shape[1]
+    real = compute_dtype(x)
+    prod = torch.fft.rfft(g.to(real), dim=1) * torch.fft.rfft(x.to(real), dim=1).conj()
+    if filt.dim() == 2:
+        prod = prod.sum(0)
+    elif filt.shape[0] == 1 and x.shape[0] != 1:
+        prod = prod.sum(0, keepdim=True)
+    mask = edge_mask(s, x.device, real)
+    weight = (1.0 + mask) / s  # 2/S inside, 1/S at DC and Nyquist
+    return torch.complex(prod.real * weight, prod.imag * weight * mask).to(filt.dtype)
+
+
+def fft_conv_grad_k(x: torch.Tensor, g: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """dL/dk [L, D]: the cross-correlation of g with x at lags 0..L-1 (linear when causal, circular
+    otherwise), summed over the batch in the frequency domain (one inverse transform)."""
+    s, length = x.shape[1], k.shape[0]
+    real = compute_dtype(x)
+    n = fast_len(2 * s - 1) if causal else s
+    prod = (torch.fft.rfft(g.to(real), n=n, dim=1) * torch.fft.rfft(x.to(real), n=n, dim=1).conj()).sum(0)
+    return torch.fft.irfft(prod, n=n, dim=0)[:length].to(k.dtype)

@@ -1,0 +1,116 @@
+"""FFTTokenMixer: FFT-based token mixing layers (FNet, GFNet, adaptive filters, Hyena-style long
+convolutions) on the fused spectral kernels."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .ops import fft_conv, fnet_mix, spectral_filter
+
+MODES = ("fnet", "filter", "adaptive", "conv")
+
+
+class _Sin(nn.Module):
+    """sin(w * x) with a learnable frequency per feature (Hyena's implicit-filter activation)."""
+
+    def __init__(self, width: int, w: float = 1.0):
+        super().__init__()
+        self.freq = nn.Parameter(torch.full((width,), float(w)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.freq * x)
+
+
+class FFTTokenMixer(nn.Module):
+    """Token mixing along the sequence of x [..., S, D] by FFTs, in one of four modes:
+
+    - "fnet" (Lee-Thorp et al., FNet): y = Re(FFT_S(FFT_D(x))); no parameters, any S.
+    - "filter" (Rao et al., GFNet global filter): y = irfft(rfft(x) * W, n=S) with a learnable complex
+      filter W [S//2 + 1, D], initialised as GFNet does (normal, std 0.02, real and imaginary parts).
+      Needs S == seq_len.
+    - "adaptive" (Adaptive Frequency Filters, Huang et al.; FFTNet's adaptive spectral filter): the
+      base filter W modulated per input by a small MLP of the global context c = mean over S of x:
+      W_b = W * (1 + m_b), m_b = MLP(c_b) a complex gain per channel (the MLP's last layer starts at
+      zero, so the layer starts as "filter"). Needs S == seq_len.
+    - "conv" (Hyena, Poli et al.): y = causal_conv(x, k) + x * bias with an implicit long kernel
+      k[t] = FFN(z(t)) * exp(-alpha_d t / seq_len): z(t) = (t / seq_len, cos, sin of 2 pi f t / seq_len
+      for f = 1..bands), the FFN with sine activations, decay rates alpha_d spread per channel as in
+      Hyena's exponential modulation. Any S (seq_len only normalises positions).
+
+    Every mode is differentiable (input, filter, MLP, implicit-filter parameters); the forward and
+    the input gradient run through the fused kernels (backend="auto": Triton on a GPU).
+    """
+
+    def __init__(self, dim: int, seq_len: Optional[int] = None, mode: str = "filter", *,
+                 hidden: Optional[int] = None, filter_std: float = 0.02, conv_order: int = 64,
+                 conv_bands: int = 8, backend: str = "auto"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if mode != "fnet" and (not isinstance(seq_len, int) or seq_len < 1):
+            raise ValueError(f"seq_len must be an int >= 1 for mode {mode!r}, got {seq_len!r}")
+        self.dim, self.seq_len, self.mode, self.backend = dim, seq_len, mode, backend
+        if mode in ("filter", "adaptive"):
+            # GFNet's complex_weight layout: [..., 2] real pairs, viewed as complex in forward
+            self.filter = nn.Parameter(torch.randn(seq_len // 2 + 1, dim, 2) * filter_std)
+        if mode == "adaptive":
+            hidden = hidden or max(16, dim // 4)
+            self.context_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * dim))
+            nn.init.zeros_(self.context_mlp[2].weight)
+            nn.init.zeros_(self.context_mlp[2].bias)
+        if mode == "conv":
+            if conv_order < 1 or conv_bands < 0:
+                raise ValueError(f"conv_order must be >= 1 and conv_bands >= 0, got {conv_order}, {conv_bands}")
+            self.conv_bands = conv_bands
+            emb = 1 + 2 * conv_bands
+            self.implicit_filter = nn.Sequential(
+                nn.Linear(emb, conv_order), _Sin(conv_order), nn.Linear(conv_order, conv_order), _Sin(conv_order),
+                nn.Linear(conv_order, dim))
+            # Hyena's ExponentialModulation: decays reaching 1e-2 between 30% and 150% of the length
+            target = math.log(1e-2)
+            self.register_buffer("decay", torch.linspace(abs(target) / 1.5, abs(target) / 0.3, dim), persistent=False)
+            self.bias = nn.Parameter(torch.randn(dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, seq_len={self.seq_len}, mode={self.mode!r}, backend={self.backend!r}"
+
+    def complex_filter(self) -> torch.Tensor:
+        """The learnable filter W [S//2 + 1, D] as a complex tensor (modes "filter" and "adaptive")."""
+        return torch.view_as_complex(self.filter)
+
+    def conv_kernel(self, s: int) -> torch.Tensor:
+        """The implicit kernel k [s, D] of mode "conv" for a sequence of length s."""
+        dev, dt = self.bias.device, self.bias.dtype
+        t = torch.arange(s, device=dev, dtype=dt)[:, None] / self.seq_len
+        feats = [t]
+        if self.conv_bands:
+            f = torch.arange(1, self.conv_bands + 1, device=dev, dtype=dt)[None, :]
+            feats += [torch.cos(2 * math.pi * f * t), torch.sin(2 * math.pi * f * t)]
+        h = self.implicit_filter(torch.cat(feats, dim=1))
+        return h * torch.exp(-t * self.decay.to(dt))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [..., S, D] with D = {self.dim}, got {shape}")
+        s = x.shape[-2]
+        if self.mode == "fnet":
+            return fnet_mix(x, backend=self.backend)
+        if self.mode == "conv":
+            k = self.conv_kernel(s)
+            return fft_conv(x, k, causal=True, backend=self.backend) + x * self.bias.to(x.dtype)
+        if s != self.seq_len:
+            raise ValueError(f"x has sequence length {s}, but this {self.mode!r} mixer's filter is for "
+                             f"seq_len = {self.seq_len}")
+        filt = self.complex_filter()
+        if self.mode == "adaptive":
+            ctx = x.mean(dim=-2).to(self.filter.dtype)  # [..., D]
+            m = self.context_mlp(ctx)
+            gain = 1 + torch.complex(m[..., : self.dim], m[..., self.dim:])
+            filt = filt * gain.unsqueeze(-2)  # [..., S//2 + 1, D], one filter per input
+        return spectral_filter(x, filt, backend=self.backend)

@@ -1,0 +1,371 @@
+"""@triton.jit kernels for FFT token mixing: DFTs as matrix products (plans.py explains the four-step
+factorization, the padded tiles and the convolution modes). Launchers are in ops.py.
+
+- `fused_conv_kernel`: one program per (channel block, batch row) runs the whole circular / causal
+  convolution of its columns in registers: forward four-step DFT (the first, real-input stage is 2
+  real dots instead of 4), multiply by the kernel spectrum, inverse four-step DFT (the last,
+  real-output stage is again 2 dots). The spectrum never leaves registers. N2 = 1 is the dense DFT.
+- `dft_axis_kernel`: one forward DFT along an axis in registers (fnet_mix: the real-input DFT
+  along D, then the complex-input, real-part-output DFT along S).
+- `dft_gemm_kernel`: a DFT along an axis as a tiled GEMM that loops over the summed index, the DFT
+  matrix gathered from a unit-circle table at the exact phase (k n) mod L. It serves lengths that do
+  not fit in registers: the column passes of the split path (with the twiddle epilogue and the
+  convolution modes' addressing) and the dense DFT of awkward fnet lengths.
+- `split_rows_kernel`: the split path's row pass: row DFT, multiply by the kernel spectrum, inverse
+  row DFT and conjugate twiddles (or, for fnet, the forward row DFT only).
+
+Complex tiles are pairs of float32 tiles (real, imaginary). Dots: PRECISION 0 = fp32 "ieee"
+(interpreter), 1 = "tf32x3" (fp32 inputs on a GPU, ~fp32 accuracy), 2 = "tf32" (bf16/fp16 inputs:
+~1e-3 per stage, below their own rounding; bf16 operands would cost ~4e-3 per stage and six
+stages would exceed the 1e-2 bound, so they are not offered).
+"""
+from __future__ import annotations
+
+from .._triton import jit, tl
+
+PREC_IEEE, PREC_TF32X3, PREC_TF32 = 0, 1, 2
+
+
+@jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation at the chosen operand precision."""
+    if PRECISION == 2:
+        return tl.dot(a, b, input_precision="tf32")
+    elif PRECISION == 1:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@jit
+def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr):
+    """A dense [R, C] float32 table tile (row-major, no mask: tables are padded)."""
+    return tl.load(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+
+
+@jit
+def _to_rows(t, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
+    """[P1, P2 * BD] (row n1, column n2 * BD + d) -> [P1 * BD, P2] (row n1 * BD + d, column n2)."""
+    return tl.reshape(tl.permute(tl.reshape(t, (P1, P2, BD)), (0, 2, 1)), (P1 * BD, P2))
+
+
+@jit
+def _to_cols(t, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
+    """Inverse of _to_rows."""
+    return tl.reshape(tl.permute(tl.reshape(t, (P1, BD, P2)), (0, 2, 1)), (P1, P2 * BD))
+
+
+@jit
+def _rows_to_t(t, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
+    """[P1 * BD, P2] (row n1 * BD + d, column n2) -> [P2 * BD, P1] (row n2 * BD + d, column n1)."""
+    return tl.reshape(tl.permute(tl.reshape(t, (P1, BD, P2)), (2, 1, 0)), (P2 * BD, P1))
+
+
+@jit
+def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
+                      B, S, D, stride_xb, stride_xs, stride_yb, stride_ys, stride_kb,
+                      N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                      MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr):
+    """y[b, :, d] = IDFT_M(K[:, d] * DFT_M(x[b, :, d] mapped by MODE)) for a block of channels d and
+    ROWS consecutive batch rows.
+
+    K ([P1, D, P2] per batch row, stride_kb = 0 when shared) is the kernel spectrum in this kernel's
+    layout with the 1/M scale folded in; padded bins are zero.
+    MODE 0: circular, M = S; 1: causal, M >= 2S - 1; 2: periodic extension, M >= 2S.
+    """
+    pid_d = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    d0 = pid_d * BLOCK_D
+    # natural layout [P1, P2 * BLOCK_D]: row n1, column n2 * BLOCK_D + dd (channels fastest: coalesced)
+    rows = tl.arange(0, P1)
+    cols = tl.arange(0, P2 * BLOCK_D)
+    n2 = cols // BLOCK_D
+    d = d0 + cols % BLOCK_D
+    n = rows[:, None] * N2 + n2[None, :]
+    valid = (rows < N1)[:, None] & ((n2 < N2) & (d < D))[None, :]
+    if MODE == 2:
+        src = n % S
+        lmask = valid & (n < 2 * S)
+        dst = n - S
+        smask = valid & (n >= S) & (n < 2 * S)
+    else:
+        src = n
+        lmask = valid & (n < S)
+        dst = n
+        smask = lmask
+    x_off = src.to(tl.int64) * stride_xs + d[None, :]
+    y_off = dst.to(tl.int64) * stride_ys + d[None, :]
+    if P2 > 1:
+        # the four-step output is produced transposed, [P2 * BLOCK_D, P1] (row n2 * BLOCK_D + dd,
+        # column n1): the permuted tile then feeds the last dot as its A operand (as a B operand,
+        # Triton 3.9's tf32 dot-operand pass rejects the shared layout it derives for it)
+        t_rows = tl.arange(0, P2 * BLOCK_D)
+        t_n2 = t_rows // BLOCK_D
+        t_d = d0 + t_rows % BLOCK_D
+        t_n = rows[None, :] * N2 + t_n2[:, None]
+        t_valid = (rows < N1)[None, :] & ((t_n2 < N2) & (t_d < D))[:, None]
+        if MODE == 2:
+            y_off = (t_n - S).to(tl.int64) * stride_ys + t_d[:, None]
+            smask = t_valid & (t_n >= S) & (t_n < 2 * S)
+        else:
+            y_off = t_n.to(tl.int64) * stride_ys + t_d[:, None]
+            smask = t_valid & (t_n < S)
+
+    if P2 == 1:
+        koff = rows[:, None] * D + d[None, :]
+        kmask = (d < D)[None, :]
+    else:
+        toff = rows[:, None] * P2 + n2[None, :]
+        # rows layout [P1 * BLOCK_D, P2]: row k1 * BLOCK_D + dd, column k2; bin k = k1 + N1 * k2
+        q = tl.arange(0, P1 * BLOCK_D)
+        k1 = q // BLOCK_D
+        dq = d0 + q % BLOCK_D
+        k2 = tl.arange(0, P2)
+        koff = (k1 * D + dq)[:, None] * P2 + k2[None, :]
+        kmask = (dq < D)[:, None]
+        roff = k1[:, None] * P2 + k2[None, :]
+
+    # Tables are loaded where they are used (L1/L2 hits), not held across the whole program: at
+    # S = 4096 the live tiles alone would fill the register file.
+    for i in range(ROWS):
+        b = pid_g * ROWS + i
+        live = ((tl.arange(0, 1) + b) < B)[None, :]  # [1, 1]: the interpreter rejects a scalar & tile mask
+        b64 = b.to(tl.int64)
+        x = tl.load(x_ptr + b64 * stride_xb + x_off, mask=lmask & live, other=0.0).to(tl.float32)
+        # column DFTs of a real tile: 2 dots
+        ar = _mm(_load_mat(f1_ptr, P1, P1), x, PRECISION)
+        ai = _mm(_load_mat(f1_ptr + P1 * P1, P1, P1), x, PRECISION)
+        k_base = b64 * stride_kb
+        if P2 == 1:
+            kr = tl.load(kr_ptr + k_base + koff, mask=kmask & live, other=0.0)
+            ki = tl.load(ki_ptr + k_base + koff, mask=kmask & live, other=0.0)
+            yr = ar * kr - ai * ki
+            yi = ar * ki + ai * kr
+            # real part of conj(F1) @ Y: 2 dots
+            out = _mm(_load_mat(f1_ptr, P1, P1), yr, PRECISION) + _mm(_load_mat(f1_ptr + P1 * P1, P1, P1), yi, PRECISION)
+        else:
+            twr = tl.load(tw_ptr + toff)
+            twi = tl.load(tw_ptr + P1 * P2 + toff)
+            tr = ar * twr - ai * twi
+            ti = ar * twi + ai * twr
+            ar = _to_rows(tr, P1, P2, BLOCK_D)
+            ai = _to_rows(ti, P1, P2, BLOCK_D)
+            # row DFTs (F2 is symmetric: A @ F2), complex: 4 dots
+            f2r = _load_mat(f2_ptr, P2, P2)
+            f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
+            zr = _mm(ar, f2r, PRECISION) - _mm(ai, f2i, PRECISION)
+            zi = _mm(ar, f2i, PRECISION) + _mm(ai, f2r, PRECISION)
+            kr = tl.load(kr_ptr + k_base + koff, mask=kmask & live, other=0.0)
+            ki = tl.load(ki_ptr + k_base + koff, mask=kmask & live, other=0.0)
+            yr = zr * kr - zi * ki
+            yi = zr * ki + zi * kr
+            # inverse row DFTs: Y @ conj(F2)
+            br = _mm(yr, f2r, PRECISION) + _mm(yi, f2i, PRECISION)
+            bi = _mm(yi, f2r, PRECISION) - _mm(yr, f2i, PRECISION)
+            rtwr = tl.load(tw_ptr + roff)
+            rtwi = tl.load(tw_ptr + P1 * P2 + roff)
+            cr = br * rtwr + bi * rtwi  # times conj(twiddle)
+            ci = bi * rtwr - br * rtwi
+            # real part of (conj(F1) @ C)^T = C^T @ conj(F1) (F1 is symmetric): 2 dots
+            out = (_mm(_rows_to_t(cr, P1, P2, BLOCK_D), _load_mat(f1_ptr, P1, P1), PRECISION)
+                   + _mm(_rows_to_t(ci, P1, P2, BLOCK_D), _load_mat(f1_ptr + P1 * P1, P1, P1), PRECISION))
+        tl.store(y_ptr + b64 * stride_yb + y_off, out.to(y_ptr.dtype.element_ty), mask=smask & live)
+
+
+@jit
+def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
+                    C, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
+                    N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                    COMPLEX_IN: tl.constexpr, COMPLEX_OUT: tl.constexpr,
+                    BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """out[b, k, c] = sum_n exp(-2 pi i k n / L) in[b, n, c], L = N1 * N2, for a block of columns c.
+
+    COMPLEX_IN: the input is (xr, xi), else real xr. COMPLEX_OUT: store (yr, yi), else only the real part.
+    """
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    c0 = pid_c * BLOCK_C
+    rows = tl.arange(0, P1)
+    cols = tl.arange(0, P2 * BLOCK_C)
+    n2 = cols // BLOCK_C
+    c = c0 + cols % BLOCK_C
+    valid = (rows < N1)[:, None] & ((n2 < N2) & (c < C))[None, :]
+    n = rows[:, None] * N2 + n2[None, :]
+    off = pid_b * stride_xb + n.to(tl.int64) * stride_xn + c.to(tl.int64)[None, :] * stride_xc
+    xr = tl.load(xr_ptr + off, mask=valid, other=0.0).to(tl.float32)
+    f1r = _load_mat(f1_ptr, P1, P1)
+    f1i = _load_mat(f1_ptr + P1 * P1, P1, P1)
+    if COMPLEX_IN:
+        xi = tl.load(xi_ptr + off, mask=valid, other=0.0).to(tl.float32)
+        ar = _mm(f1r, xr, PRECISION) - _mm(f1i, xi, PRECISION)
+        ai = _mm(f1r, xi, PRECISION) + _mm(f1i, xr, PRECISION)
+    else:
+        ar = _mm(f1r, xr, PRECISION)
+        ai = _mm(f1i, xr, PRECISION)
+    if P2 == 1:
+        zr = ar
+        zi = ai
+    else:
+        toff = rows[:, None] * P2 + n2[None, :]
+        twr = tl.load(tw_ptr + toff)
+        twi = tl.load(tw_ptr + P1 * P2 + toff)
+        tr = ar * twr - ai * twi
+        ti = ar * twi + ai * twr
+        ar = _to_rows(tr, P1, P2, BLOCK_C)
+        ai = _to_rows(ti, P1, P2, BLOCK_C)
+        f2r = _load_mat(f2_ptr, P2, P2)
+        f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
+        zr = _to_cols(_mm(ar, f2r, PRECISION) - _mm(ai, f2i, PRECISION), P1, P2, BLOCK_C)
+        if COMPLEX_OUT:
+            zi = _to_cols(_mm(ar, f2i, PRECISION) + _mm(ai, f2r, PRECISION), P1, P2, BLOCK_C)
+        else:
+            zi = zr
+    # back in the natural layout: row k1, column k2 * BLOCK_C + c; bin k = k1 + N1 * k2
+    k = rows[:, None] + N1 * n2[None, :]
+    out_off = pid_b * stride_yb + k.to(tl.int64) * stride_yn + c.to(tl.int64)[None, :] * stride_yc
+    tl.store(yr_ptr + out_off, zr.to(yr_ptr.dtype.element_ty), mask=valid)
+    if COMPLEX_OUT:
+        tl.store(yi_ptr + out_off, zi.to(yi_ptr.dtype.element_ty), mask=valid)
+
+
+@jit
+def _conv_address(r, j, S, N2, D, MODE: tl.constexpr, STORE: tl.constexpr):
+    """Offsets (in units of channels-rows) and mask of x/y for rows r (n1) and columns j (= n2 * D + d)
+    of the split path: position n = r * N2 + n2, mapped as the fused kernel maps it (plans.py)."""
+    n2 = j // D
+    d = j % D
+    n = r[:, None] * N2 + n2[None, :]
+    if MODE == 2:
+        if STORE:
+            pos = n - S
+            ok = (n >= S) & (n < 2 * S)
+        else:
+            pos = n % S
+            ok = n < 2 * S
+    else:
+        pos = n
+        ok = n < S
+    return pos.to(tl.int64) * D + d[None, :], ok
+
+
+@jit
+def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
+                    L, C, S, N2, D, M,
+                    stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
+                    SIGN: tl.constexpr, COMPLEX_IN: tl.constexpr, COMPLEX_OUT: tl.constexpr,
+                    IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, TWIDDLE: tl.constexpr,
+                    NEED_IMAG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """out[b, k, c] = tw(k, c) * sum_{n < L} exp(SIGN 2 pi i k n / L) in[b, n, c] for a [BLOCK_K, BLOCK_C] tile.
+
+    Addressing: IN_MODE / OUT_MODE -1 is a plain strided [L, C] matrix per batch row; 0/1/2 is the
+    convolution addressing of x / y (column c = n2 * D + d, sequence position n * N2 + n2, mapped
+    by the mode). TWIDDLE multiplies by exp(SIGN 2 pi i (k * (c // D) mod M) / M) (unit circle of M
+    at twc). circ holds cos and sin of 2 pi j / L, j < L. NEED_IMAG = COMPLEX_OUT or TWIDDLE.
+    """
+    pid_c = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    kmask = kk < L
+    cmask = cc < C
+    kk64 = kk.to(tl.int64)
+    acc_r = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    x_base = pid_b * stride_xb
+    for n0 in range(0, L, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        nmask = nn < L
+        phase = (kk64[:, None] * nn.to(tl.int64)[None, :]) % L
+        fmask = kmask[:, None] & nmask[None, :]
+        fr = tl.load(circ_ptr + phase, mask=fmask, other=0.0)
+        fi = tl.load(circ_ptr + L + phase, mask=fmask, other=0.0)
+        if SIGN < 0:
+            fi = -fi
+        if IN_MODE >= 0:
+            off, ok = _conv_address(nn, cc, S, N2, D, IN_MODE, False)
+            xmask = ok & nmask[:, None] & cmask[None, :]
+            off = off * stride_xc
+        else:
+            off = nn.to(tl.int64)[:, None] * stride_xn + cc.to(tl.int64)[None, :] * stride_xc
+            xmask = nmask[:, None] & cmask[None, :]
+        xr = tl.load(xr_ptr + x_base + off, mask=xmask, other=0.0).to(tl.float32)
+        if COMPLEX_IN:
+            xi = tl.load(xi_ptr + x_base + off, mask=xmask, other=0.0).to(tl.float32)
+            acc_r += _mm(fr, xr, PRECISION) - _mm(fi, xi, PRECISION)
+            if NEED_IMAG:
+                acc_i += _mm(fr, xi, PRECISION) + _mm(fi, xr, PRECISION)
+        else:
+            acc_r += _mm(fr, xr, PRECISION)
+            if NEED_IMAG:
+                acc_i += _mm(fi, xr, PRECISION)
+    if TWIDDLE:
+        n2 = cc // D
+        tphase = (kk64[:, None] * n2.to(tl.int64)[None, :]) % M
+        tr = tl.load(twc_ptr + tphase)
+        ti = tl.load(twc_ptr + M + tphase)
+        if SIGN < 0:
+            ti = -ti
+        tmp = acc_r * tr - acc_i * ti
+        acc_i = acc_r * ti + acc_i * tr
+        acc_r = tmp
+    y_base = pid_b * stride_yb
+    if OUT_MODE >= 0:
+        off, ok = _conv_address(kk, cc, S, N2, D, OUT_MODE, True)
+        ymask = ok & kmask[:, None] & cmask[None, :]
+        off = off * stride_yc
+    else:
+        off = kk64[:, None] * stride_yn + cc.to(tl.int64)[None, :] * stride_yc
+        ymask = kmask[:, None] & cmask[None, :]
+    tl.store(yr_ptr + y_base + off, acc_r.to(yr_ptr.dtype.element_ty), mask=ymask)
+    if COMPLEX_OUT:
+        tl.store(yi_ptr + y_base + off, acc_i.to(yi_ptr.dtype.element_ty), mask=ymask)
+
+
+@jit
+def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, yi_ptr,
+                      N1, N2, D, M, stride_ab, stride_kb, stride_yb, stride_yn,
+                      P2: tl.constexpr, FILTER: tl.constexpr, COMPLEX_OUT: tl.constexpr,
+                      NEED_IMAG: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Row pass of the split path on A[b, k1, n2, d] (fp32 pairs, contiguous [N1, N2, D] per batch row).
+
+    FILTER: Z = F2 A, Z *= K[k1, k2, d] (1/M folded in), B = conj(F2) Z, B *= conj(W_M^(k1 n2)),
+    written back over A. Otherwise (a plain DFT): out[b, k1 + N1 k2, d] = (F2 A)[k2, d], real part
+    unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT.
+    """
+    pid_d = tl.program_id(0)
+    k1 = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    r = tl.arange(0, P2)
+    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (r < N2)[:, None] & (dd < D)[None, :]
+    row_off = k1.to(tl.int64) * N2 * D + r[:, None] * D + dd[None, :]
+    a_off = pid_b * stride_ab + row_off
+    ar = tl.load(ar_ptr + a_off, mask=mask, other=0.0)
+    ai = tl.load(ai_ptr + a_off, mask=mask, other=0.0)
+    f2r = _load_mat(f2_ptr, P2, P2)
+    f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
+    zr = _mm(f2r, ar, PRECISION) - _mm(f2i, ai, PRECISION)
+    if NEED_IMAG:
+        zi = _mm(f2r, ai, PRECISION) + _mm(f2i, ar, PRECISION)
+    if FILTER:
+        k_off = pid_b * stride_kb + row_off
+        kr = tl.load(kr_ptr + k_off, mask=mask, other=0.0)
+        ki = tl.load(ki_ptr + k_off, mask=mask, other=0.0)
+        yr = zr * kr - zi * ki
+        yi = zr * ki + zi * kr
+        br = _mm(f2r, yr, PRECISION) + _mm(f2i, yi, PRECISION)
+        bi = _mm(f2r, yi, PRECISION) - _mm(f2i, yr, PRECISION)
+        tphase = (k1.to(tl.int64) * r.to(tl.int64)) % M
+        tr = tl.load(twc_ptr + tphase)[:, None]
+        ti = tl.load(twc_ptr + M + tphase)[:, None]
+        # times conj(W_M^(k1 n2)) = cos + i sin
+        tl.store(ar_ptr + a_off, br * tr - bi * ti, mask=mask)
+        tl.store(ai_ptr + a_off, br * ti + bi * tr, mask=mask)
+    else:
+        k = k1 + N1 * r
+        y_off = pid_b * stride_yb + k.to(tl.int64)[:, None] * stride_yn + dd[None, :]
+        tl.store(yr_ptr + y_off, zr.to(yr_ptr.dtype.element_ty), mask=mask)
+        if COMPLEX_OUT:
+            tl.store(yi_ptr + y_off, zi.to(yi_ptr.dtype.element_ty), mask=mask)

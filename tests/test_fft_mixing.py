@@ -1,0 +1,520 @@
+"""fnet_mix, spectral_filter, fft_conv and FFTTokenMixer against the float64 NumPy references,
+both backends; every Triton path (dense, four-step, periodic extension, causal, split, dense GEMM)
+forced on small lengths; gradients against torch.autograd through the torch.fft formulas."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import tritonlab
+from tritonlab.kernels.fft_mixing import FFTTokenMixer, describe_plan, ops, plans
+from tritonlab.kernels.fft_mixing import reference as ref
+from tritonlab.kernels._tuning import registered
+
+from helpers import DTYPES, assert_close, np64, rand, tolerance
+
+SEQ_LENS = [1, 2, 3, 5, 8, 12, 17, 48, 100]
+#: float32 gradients (fp32 forward and backward, compared with float64)
+GRAD_TOL = 2e-5
+
+
+def cfilt(*shape, device="cpu", dtype=torch.complex64) -> torch.Tensor:
+    return torch.complex(torch.randn(*shape), torch.randn(*shape)).to(device=device, dtype=dtype)
+
+
+@pytest.fixture
+def small_plans(monkeypatch):
+    """Shrink the register limits so that small lengths take the four-step, periodic, split and
+    dense-GEMM paths (the same kernels the long sequences take on a GPU)."""
+    def shrink(max_factor, max_tile):
+        monkeypatch.setattr(plans, "MAX_FACTOR", max_factor)
+        monkeypatch.setattr(plans, "MAX_TILE", max_tile)
+        plans.conv_plan.cache_clear()
+        plans.dft_plan.cache_clear()
+    yield shrink
+    plans.conv_plan.cache_clear()
+    plans.dft_plan.cache_clear()
+
+
+# ----------------------------------------------------------------------------- forward vs reference
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", SEQ_LENS)
+def test_spectral_filter_matches_reference(backend, device, dtype, s):
+    x = rand(3, s, 5, dtype=dtype, device=device)
+    filt = cfilt(s // 2 + 1, 5, device=device)
+    y = tritonlab.spectral_filter(x, filt, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, ref.spectral_filter_ref(np64(x), np64(filt)), tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("s", SEQ_LENS)
+def test_fft_conv_matches_reference(backend, device, dtype, s, causal):
+    length = int(torch.randint(1, s + 1, ()))  # any kernel length 1..S
+    x = rand(3, s, 5, dtype=dtype, device=device)
+    k = rand(length, 5, dtype=dtype, device=device)
+    y = tritonlab.fft_conv(x, k, causal=causal, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, ref.fft_conv_ref(np64(x), np64(k), causal), tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", SEQ_LENS)
+def test_fnet_mix_matches_reference(backend, device, dtype, s):
+    x = rand(3, s, 7, dtype=dtype, device=device)
+    y = tritonlab.fnet_mix(x, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, ref.fnet_mix_ref(np64(x)), tolerance(dtype))
+
+
+@pytest.mark.parametrize("d", [1, 2, 24])
+def test_fnet_mix_widths(backend, device, d):
+    x = rand(2, 12, d, device=device)
+    assert_close(tritonlab.fnet_mix(x, backend=backend), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))
+
+
+def test_references_agree_with_direct_sums():
+    """The numpy.fft references equal the defining sums (explicit circulant, direct convolution)."""
+    x = np.random.randn(2, 9, 3)
+    f = np.random.randn(5, 3) + 1j * np.random.randn(5, 3)
+    np.testing.assert_allclose(ref.spectral_filter_ref(x, f), ref.spectral_filter_direct_ref(x, f), atol=1e-12)
+    x8, f8 = np.random.randn(2, 8, 3), np.random.randn(5, 3) + 1j * np.random.randn(5, 3)
+    np.testing.assert_allclose(ref.spectral_filter_ref(x8, f8), ref.spectral_filter_direct_ref(x8, f8), atol=1e-12)
+    k = np.random.randn(6, 3)
+    for causal in (True, False):
+        np.testing.assert_allclose(ref.fft_conv_ref(x, k, causal), ref.fft_conv_direct_ref(x, k, causal), atol=1e-12)
+
+
+def test_imaginary_dc_and_nyquist_are_ignored_as_numpy_does(backend, device):
+    s, d = 8, 3
+    x = rand(2, s, d, device=device)
+    filt = cfilt(s // 2 + 1, d, device=device)
+    y = tritonlab.spectral_filter(x, filt, backend=backend)
+    real_edges = filt.clone()
+    real_edges[0] = real_edges[0].real.to(filt.dtype)
+    real_edges[-1] = real_edges[-1].real.to(filt.dtype)
+    assert_close(y, ref.spectral_filter_ref(np64(x), np64(real_edges)), tolerance(torch.float32))
+    assert_close(y, tritonlab.spectral_filter(x, real_edges, backend=backend), 1e-6)
+
+
+def test_per_input_filter_and_leading_dims(backend, device):
+    s, d = 12, 5
+    x = rand(2, 3, s, d, device=device)
+    filt = cfilt(2, 3, s // 2 + 1, d, device=device)
+    y = tritonlab.spectral_filter(x, filt, backend=backend)
+    assert y.shape == x.shape
+    assert_close(y, ref.spectral_filter_ref(np64(x), np64(filt)), tolerance(torch.float32))
+    x2 = rand(s, d, device=device)  # no batch dims
+    shared = cfilt(s // 2 + 1, d, device=device)
+    assert_close(tritonlab.spectral_filter(x2, shared, backend=backend), ref.spectral_filter_ref(np64(x2), np64(shared)),
+                 tolerance(torch.float32))
+    k = rand(s, d, device=device)
+    assert_close(tritonlab.fft_conv(x, k, backend=backend), ref.fft_conv_ref(np64(x), np64(k), True), tolerance(torch.float32))
+    assert_close(tritonlab.fnet_mix(x, backend=backend), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", [1000, 1009, 4096])
+def test_long_sequences_torch_fallback(device, dtype, s):
+    d = 3
+    x = rand(2, s, d, dtype=dtype, device=device)
+    filt = cfilt(s // 2 + 1, d, device=device)
+    k = rand(s, d, dtype=dtype, device=device, scale=s**-0.5)
+    tol = tolerance(dtype)
+    assert_close(tritonlab.spectral_filter(x, filt, backend="torch"), ref.spectral_filter_ref(np64(x), np64(filt)), tol)
+    assert_close(tritonlab.fft_conv(x, k, causal=True, backend="torch"), ref.fft_conv_ref(np64(x), np64(k), True), tol)
+    assert_close(tritonlab.fft_conv(x, k, causal=False, backend="torch"), ref.fft_conv_ref(np64(x), np64(k), False), tol)
+    assert_close(tritonlab.fnet_mix(x, backend="torch"), ref.fnet_mix_ref(np64(x)), tol)
+
+
+# ----------------------------------------------------------------------------- every Triton path
+
+def _check_all_ops(s, d, device, b=2):
+    x = rand(b, s, d, device=device)
+    filt = cfilt(s // 2 + 1, d, device=device)
+    per_input = cfilt(b, s // 2 + 1, d, device=device)
+    k = rand(s, d, device=device)
+    tol = tolerance(torch.float32)
+    assert_close(tritonlab.spectral_filter(x, filt, backend="triton"), ref.spectral_filter_ref(np64(x), np64(filt)), tol)
+    assert_close(tritonlab.spectral_filter(x, per_input, backend="triton"),
+                 ref.spectral_filter_ref(np64(x), np64(per_input)), tol)
+    for causal in (True, False):
+        assert_close(tritonlab.fft_conv(x, k, causal=causal, backend="triton"), ref.fft_conv_ref(np64(x), np64(k), causal), tol)
+    assert_close(tritonlab.fnet_mix(x, backend="triton"), ref.fnet_mix_ref(np64(x)), tol)
+
+
+@pytest.mark.parametrize("s,circ,causal,fnet_s", [
+    (17, "four-step M=64=16x4 tiles 16x16 (periodic", "four-step M=64=16x4", "dense DFT GEMM"),
+    (48, "four-step M=48=16x3 tiles 16x16 (circular", "four-step M=128=16x8", "four-step M=48=16x3"),
+])
+def test_four_step_paths(device, small_plans, s, circ, causal, fnet_s):
+    small_plans(16, 2048)
+    assert circ in describe_plan("spectral_filter", s) and causal in describe_plan("fft_conv_causal", s)
+    assert fnet_s in describe_plan("fnet_mix", s, 7).split("; ")[1]
+    _check_all_ops(s, 7, device)
+
+
+@pytest.mark.parametrize("s,circ,causal", [
+    (48, "split 3-pass M=48=3x16", "split 3-pass M=128=8x16"),
+    (17, "split 3-pass M=64=4x16 (4-point column DFTs as GEMMs, rows in 16-tiles) (periodic", "split 3-pass M=64=4x16"),
+])
+def test_split_paths(device, small_plans, s, circ, causal):
+    small_plans(16, 16)
+    assert circ in describe_plan("spectral_filter", s) and causal in describe_plan("fft_conv_causal", s)
+    assert "dense DFT GEMM" in describe_plan("fnet_mix", s, 5).split("; ")[0]
+    _check_all_ops(s, 5, device)
+
+
+def test_default_plans():
+    """The paths of DESIGN's lengths (the README table); all exact for their length."""
+    assert "dense DFT M=17" in describe_plan("spectral_filter", 17)
+    assert "four-step M=1000=50x20" in describe_plan("spectral_filter", 1000)
+    assert "four-step M=1024" in describe_plan("spectral_filter", 1024)
+    assert "four-step M=3072=64x48" in describe_plan("spectral_filter", 3072)
+    assert "four-step M=4096=64x64" in describe_plan("spectral_filter", 4096)
+    assert "M=2048" in describe_plan("spectral_filter", 1009) and "periodic" in describe_plan("spectral_filter", 1009)
+    assert "split" in describe_plan("spectral_filter", 16384)
+    assert "four-step M=4096" in describe_plan("fft_conv_causal", 2048)
+    assert "split" in describe_plan("fft_conv_causal", 4096)
+    assert "dense DFT GEMM" in describe_plan("fnet_mix", 1009, 768)
+    assert "four-step M=768" in describe_plan("fnet_mix", 1024, 768)
+    for s in range(1, 300):  # every length has a plan; transform lengths are exact or >= 2S
+        for causal in (True, False):
+            p = plans.conv_plan(s, causal)
+            assert p is not None and p.N1 * p.N2 == p.M and plans.has_conv_plan(s, causal)
+            assert (p.M >= 2 * s - 1) if (causal or p.mode == plans.PERIODIC) else p.M == s
+    for s in (2**17 - 5, 2**17, 2**17 + 1, 2**18):
+        for causal in (True, False):
+            assert plans.has_conv_plan(s, causal) == (plans.conv_plan(s, causal) is not None)
+
+
+def test_wide_channels_and_batches(backend, device):
+    """Several channel blocks and batch rows, D not a multiple of the block."""
+    x = rand(3, 100, 37, device=device)
+    filt = cfilt(51, 37, device=device)
+    assert_close(tritonlab.spectral_filter(x, filt, backend=backend), ref.spectral_filter_ref(np64(x), np64(filt)),
+                 tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("s,cfg", [
+    (17, {"BLOCK_D": 16, "ROWS": 4, "num_warps": 4}),  # dense DFT, 4 batch rows per program, B % 4 != 0
+    (100, {"BLOCK_D": 2, "ROWS": 3, "num_warps": 2}),  # four-step, 2 channels per program
+    (100, {"BLOCK_D": 16, "ROWS": 1, "num_warps": 8}),
+])
+def test_fused_kernel_configs(device, s, cfg):
+    """Tunable block shapes, shared and per-input filters: every config computes the same result."""
+    b, d = 5, 7
+    x = rand(b, s, d, device=device)
+    plan = plans.conv_plan(s, False)
+    for filt in (cfilt(1, s // 2 + 1, d, device=device), cfilt(b, s // 2 + 1, d, device=device)):
+        y = ops._conv_triton(x, plan, cfg, filt=filt)
+        assert_close(y, ref.spectral_filter_ref(np64(x), np64(filt)), tolerance(torch.float32))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def _torch_formula(op, x, p, causal=True):
+    """The op written with torch.fft (float64), for torch.autograd to differentiate."""
+    s = x.shape[1]
+    if op == "filter":
+        return torch.fft.irfft(torch.fft.rfft(x, dim=1) * p, n=s, dim=1)
+    if op == "fnet":
+        return torch.fft.fft2(x, dim=(1, 2)).real
+    n = 2 * s if causal else s
+    return torch.fft.irfft(torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(p, n=n, dim=0), n=n, dim=1)[:, :s]
+
+
+def _ours(op, x, p, backend, causal=True):
+    if op == "filter":
+        return tritonlab.spectral_filter(x, p, backend=backend)
+    if op == "fnet":
+        return tritonlab.fnet_mix(x, backend=backend)
+    return tritonlab.fft_conv(x, p, causal=causal, backend=backend)
+
+
+def _param(op, s, d, b, per_input=False):
+    if op == "filter":
+        return cfilt(*((b,) if per_input else ()), s // 2 + 1, d, dtype=torch.complex128)
+    if op == "conv":
+        return torch.randn(max(1, s - 1), d, dtype=torch.float64)
+    return None
+
+
+@pytest.mark.parametrize("s", [1, 2, 5, 8, 17])
+@pytest.mark.parametrize("op,causal,per_input", [("filter", True, False), ("filter", True, True), ("fnet", True, False),
+                                                  ("conv", True, False), ("conv", False, False)])
+def test_backward_formulas_match_torch_autograd_float64(s, op, causal, per_input):
+    """The registered backward (conjugate filter / correlation / self-adjoint, parameter gradients)
+    equals torch.autograd through the torch.fft formula, in float64 on the torch backend."""
+    b, d = 2, 3
+    x = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+    p = _param(op, s, d, b, per_input)
+    leaves = [x] + ([p.requires_grad_()] if p is not None else [])
+    g = torch.randn(b, s, d, dtype=torch.float64)
+    ours = torch.autograd.grad(_ours(op, x, p, "torch", causal), leaves, g)
+    theirs = torch.autograd.grad(_torch_formula(op, x, p, causal), leaves, g)
+    for a, t in zip(ours, theirs):
+        torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("op,causal", [("filter", True), ("conv", True), ("conv", False), ("fnet", True)])
+def test_gradcheck(op, causal):
+    x = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
+    p = _param(op, 6, 2, 2)
+    args = (x,) if p is None else (x, p.requires_grad_())
+    assert torch.autograd.gradcheck(lambda *a: _ours(op, a[0], a[1] if len(a) > 1 else None, "torch", causal), args)
+
+
+@pytest.mark.parametrize("s", [5, 12, 48])
+@pytest.mark.parametrize("op,causal", [("filter", True), ("conv", True), ("conv", False), ("fnet", True)])
+def test_backward_float32_both_backends(backend, device, s, op, causal):
+    """float32 gradients of x and the filter/kernel through each backend against the float64 formula."""
+    b, d = 2, 5
+    x64 = torch.randn(b, s, d, dtype=torch.float64)
+    p64 = _param(op, s, d, b)
+    g64 = torch.randn(b, s, d, dtype=torch.float64)
+    x = x64.float().to(device).requires_grad_()
+    p = None if p64 is None else p64.to(device=device, dtype=torch.complex64 if op == "filter" else torch.float32).requires_grad_()
+    y = _ours(op, x, p, backend, causal)
+    y.backward(g64.float().to(device))
+    xr = x64.clone().requires_grad_()
+    pr = None if p64 is None else p64.clone().requires_grad_()
+    _torch_formula(op, xr, pr, causal).backward(g64)
+    assert_close(x.grad, xr.grad, GRAD_TOL, "dx")
+    if p is not None:
+        assert_close(p.grad, pr.grad, GRAD_TOL, "dparam")
+
+
+# ----------------------------------------------------------------------------- module
+
+def _module_reference(m: FFTTokenMixer, x: torch.Tensor) -> torch.Tensor:
+    """The mixer written with torch.fft directly (the module's parameters, any dtype)."""
+    s = x.shape[-2]
+    if m.mode == "fnet":
+        return torch.fft.fft2(x, dim=(-2, -1)).real
+    if m.mode == "conv":
+        k = m.conv_kernel(s)
+        y = torch.fft.irfft(torch.fft.rfft(x, n=2 * s, dim=-2) * torch.fft.rfft(k, n=2 * s, dim=0), n=2 * s, dim=-2)
+        return y[..., :s, :] + x * m.bias
+    filt = torch.view_as_complex(m.filter)
+    if m.mode == "adaptive":
+        mod = m.context_mlp(x.mean(dim=-2))
+        filt = filt * (1 + torch.complex(mod[..., : m.dim], mod[..., m.dim:])).unsqueeze(-2)
+    return torch.fft.irfft(torch.fft.rfft(x, dim=-2) * filt, n=s, dim=-2)
+
+
+@pytest.mark.parametrize("mode", ["fnet", "filter", "adaptive", "conv"])
+def test_module_forward_backward(backend, device, mode):
+    s, d = 12, 5
+    m = FFTTokenMixer(d, s, mode, hidden=8, conv_order=8, conv_bands=2, backend=backend).to(device)
+    if mode == "adaptive":  # leave the zero init, so the modulation is exercised
+        torch.nn.init.normal_(m.context_mlp[2].weight, std=0.3)
+    m64 = copy.deepcopy(m).double()
+    x = rand(3, s, d, device=device).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    g = torch.randn(3, s, d, device=device)
+    y = m(x)
+    y64 = _module_reference(m64, x64)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert_close(y, y64, 1e-5, f"{mode} forward")
+    y.backward(g)
+    y64.backward(g.double())
+    assert_close(x.grad, x64.grad, GRAD_TOL, f"{mode} dx")
+    for (name, p), (_, p64) in zip(m.named_parameters(), m64.named_parameters()):
+        assert p.grad is not None, name
+        assert_close(p.grad, p64.grad, 1e-4, f"{mode} d{name}")
+
+
+def test_module_bf16_input(device):
+    s, d = 16, 8
+    for mode in ("fnet", "filter", "adaptive", "conv"):
+        m = FFTTokenMixer(d, s, mode, backend="torch").to(device)
+        x = rand(2, s, d, dtype=torch.bfloat16, device=device)
+        y = m(x)
+        assert y.dtype == torch.bfloat16 and y.shape == x.shape and torch.isfinite(y.float()).all()
+
+
+def test_module_init_follows_gfnet():
+    m = FFTTokenMixer(64, 256, "filter")
+    assert m.filter.shape == (129, 64, 2) and abs(float(m.filter.detach().std()) - 0.02) < 0.002
+    a = FFTTokenMixer(64, 256, "adaptive")
+    x = torch.randn(2, 256, 64)
+    torch.testing.assert_close(a(x), tritonlab.spectral_filter(x, a.complex_filter()))  # starts as "filter"
+
+
+# ----------------------------------------------------------------------------- edges and errors
+
+def test_empty_batches(backend, device):
+    for shape in [(0, 8, 4), (2, 8, 0), (0, 3, 8, 4)]:
+        x = rand(*shape, device=device)
+        d = shape[-1]
+        assert tritonlab.fnet_mix(x, backend=backend).shape == shape
+        assert tritonlab.spectral_filter(x, cfilt(5, d, device=device), backend=backend).shape == shape
+        assert tritonlab.fft_conv(x, rand(3, d, device=device), backend=backend).shape == shape
+
+
+def _bad_calls():
+    x, filt, k = rand(2, 8, 4), cfilt(5, 4), rand(8, 4)
+    sf, fc = tritonlab.spectral_filter, tritonlab.fft_conv
+    return [
+        ("filt", ValueError, lambda: sf(x, cfilt(4, 4))),
+        ("filt", ValueError, lambda: sf(x, cfilt(5, 5))),
+        ("filt", ValueError, lambda: sf(x, cfilt(3, 5, 4))),
+        ("filt", TypeError, lambda: sf(x, rand(5, 4))),
+        ("filt", TypeError, lambda: sf(x, "filter")),
+        ("filt", ValueError, lambda: sf(x, filt.to("meta"))),
+        ("k", TypeError, lambda: fc(x, cfilt(8, 4))),
+        ("k", ValueError, lambda: fc(x, rand(9, 4))),
+        ("k", ValueError, lambda: fc(x, rand(0, 4))),
+        ("k", ValueError, lambda: fc(x, rand(8, 3))),
+        ("k", ValueError, lambda: fc(x, rand(8))),
+        ("k", TypeError, lambda: fc(x, k.to(torch.int32))),
+        ("causal", TypeError, lambda: fc(x, k, causal="yes")),
+        ("x", TypeError, lambda: sf(x.to(torch.complex64), filt)),
+        ("x", TypeError, lambda: fc(x.to(torch.int64), k)),
+        ("x", ValueError, lambda: tritonlab.fnet_mix(rand(4))),
+        ("x", ValueError, lambda: tritonlab.fnet_mix(rand(2, 0, 4))),
+        ("x", ValueError, lambda: sf(rand(2, 0, 4), cfilt(1, 4))),
+        ("x", ValueError, lambda: fc(rand(2, 0, 4), rand(0, 4))),
+        ("float64", TypeError, lambda: tritonlab.fnet_mix(x.double(), backend="triton")),
+        ("backend", ValueError, lambda: tritonlab.fnet_mix(x, backend="cuda")),
+        ("mode", ValueError, lambda: FFTTokenMixer(4, 8, "attention")),
+        ("seq_len", ValueError, lambda: FFTTokenMixer(4, None, "filter")),
+        ("seq_len", ValueError, lambda: FFTTokenMixer(4, 16, "filter")(x)),
+        ("D = 5", ValueError, lambda: FFTTokenMixer(5, 8, "fnet")(x)),
+    ]
+
+
+@pytest.mark.parametrize("name,exc,call", _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_inputs_raise_clear_errors(name, exc, call):
+    with pytest.raises(exc, match=name):
+        call()
+
+
+def test_lengths_beyond_the_triton_plans():
+    """Past the split path's largest transform, "triton" says so; "auto" and "torch" still compute."""
+    s = 2**17 + 1
+    x, k = rand(1, s, 1), rand(3, 1)
+    with pytest.raises(ValueError, match="no Triton plan"):
+        tritonlab.fft_conv(x, k, backend="triton")
+    assert_close(tritonlab.fft_conv(x, k, backend="torch"), ref.fft_conv_direct_ref(np64(x), np64(k), True),
+                 tolerance(torch.float32))
+
+
+def test_auto_can_leave_split_lengths_to_torch(monkeypatch, small_plans):
+    """AUTO_USES_SPLIT=False: "auto" (here through TRITONLAB_BACKEND on a CPU) sends split-path lengths
+    to torch.fft; an explicit "triton" still runs the split kernels."""
+    small_plans(16, 16)
+    x, filt = rand(2, 48, 3), cfilt(25, 3)
+    expected = ref.spectral_filter_ref(np64(x), np64(filt))
+
+    def no_split(*args, **kwargs):
+        raise AssertionError("split path ran")
+
+    monkeypatch.setattr(ops, "AUTO_USES_SPLIT", False)
+    monkeypatch.setattr(ops, "_launch_split_conv", no_split)
+    monkeypatch.setenv("TRITONLAB_BACKEND", "triton")
+    assert_close(tritonlab.spectral_filter(x, filt), expected, tolerance(torch.float32))
+    with pytest.raises(AssertionError, match="split path ran"):
+        tritonlab.spectral_filter(x, filt, backend="triton")
+
+
+def test_env_backend_switch(monkeypatch, device):
+    x, k = rand(2, 20, 3, device=device), rand(7, 3, device=device)
+    expected = ref.fft_conv_ref(np64(x), np64(k), True)
+    for value in ("torch", "triton"):
+        monkeypatch.setenv("TRITONLAB_BACKEND", value)
+        assert_close(tritonlab.fft_conv(x, k), expected, tolerance(torch.float32))
+    monkeypatch.setenv("TRITONLAB_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="TRITONLAB_BACKEND"):
+        tritonlab.fft_conv(x, k)
+
+
+def test_float64_auto_runs_torch(device):
+    x = torch.randn(2, 6, 3, dtype=torch.float64, device=device)
+    assert_close(tritonlab.fnet_mix(x), ref.fnet_mix_ref(np64(x)), 1e-12)
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        tritonlab.fnet_mix(rand(2, 8, 4), backend="triton")
+
+
+def test_ops_hold_in_a_compiled_graph(device):
+    s, d = 10, 4
+    filt, k = cfilt(s // 2 + 1, d, device=device), rand(s, d, device=device)
+
+    def layer(x):
+        return (tritonlab.spectral_filter(x, filt, backend="torch") + tritonlab.fft_conv(x, k, backend="torch")
+                + tritonlab.fnet_mix(x, backend="torch"))
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = rand(2, s, d, device=device).requires_grad_()
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_eager,) = torch.autograd.grad(layer(x).sum(), x)
+    torch.testing.assert_close(gx, gx_eager)
+
+
+# ----------------------------------------------------------------------------- tuning registry
+
+def test_tunable_kernels_registered(device):
+    kernels = registered()
+    for name in ("spectral_filter", "fft_conv", "fnet_mix"):
+        kernel = kernels[name]
+        models = kernel.presets["models"]
+        assert [sh["S"] for sh in models] == [1024, 2048, 4096, 16384]
+        assert all(sh["B"] == 64 and sh["D"] == 768 for sh in models)
+        for shape in models + kernel.presets["full"][:6]:
+            space = kernel.space(shape)
+            assert space and kernel.default(shape) in space
+        shape = kernel.presets["small"][0]
+        inputs = kernel.make_inputs(shape, torch.float32, device)
+        for cfg in (kernel.default(shape), kernel.space(shape)[-1]):
+            out = kernel.run(inputs, cfg)
+            assert kernel.error(inputs, out) <= tolerance(torch.float32)
+
+
+# ----------------------------------------------------------------------------- GPU (compiled kernels)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("s", [256, 1000, 1009, 1024, 3072, 4096, 8192, 16384])
+def test_gpu_long_sequences(dtype, tol, s):
+    """Compiled kernels at model widths: fp32 through tf32x3 dots (stated bound 1e-5), bf16/fp16
+    inputs through tf32 dots (1e-2, dominated by the output rounding)."""
+    b, d = 3, 768
+    x = rand(b, s, d, dtype=dtype, device="cuda")
+    filt = cfilt(s // 2 + 1, d, device="cuda")
+    k = rand(s, d, dtype=dtype, device="cuda", scale=s**-0.5)
+    rows = [0, b - 1]
+    xs = np64(x[rows])
+    assert_close(tritonlab.spectral_filter(x, filt)[rows], ref.spectral_filter_ref(xs, np64(filt)), tol)
+    assert_close(tritonlab.fft_conv(x, k, causal=True)[rows], ref.fft_conv_ref(xs, np64(k), True), tol)
+    assert_close(tritonlab.fft_conv(x, k, causal=False)[rows], ref.fft_conv_ref(xs, np64(k), False), tol)
+    assert_close(tritonlab.fnet_mix(x)[rows], ref.fnet_mix_ref(xs), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["spectral_filter", "fft_conv", "fnet_mix"])
+def test_gpu_every_config_of_the_space_is_correct(name):
+    kernel = registered()[name]
+    shape = {"B": 2, "S": 1024, "D": 768}
+    inputs = kernel.make_inputs(shape, torch.bfloat16, torch.device("cuda"))
+    for cfg in kernel.space(shape):
+        assert kernel.error(inputs, kernel.run(inputs, cfg)) <= kernel.tolerance(torch.bfloat16), cfg
+
+
+@pytest.mark.gpu
+def test_gpu_backward_bf16():
+    m = FFTTokenMixer(768, 1024, "filter").cuda()
+    x = rand(4, 1024, 768, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    m(x).float().square().sum().backward()
+    assert torch.isfinite(x.grad.float()).all() and torch.isfinite(m.filter.grad).all()
