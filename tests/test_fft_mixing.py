@@ -358,6 +358,9 @@ def test_empty_batches(backend, device):
         assert tritonlab.fft_conv(x, rand(3, d, device=device), backend=backend).shape == shape
 
 
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # "triton" needs CUDA tensors, or the interpreter
+
+
 def _bad_calls():
     x, filt, k = rand(2, 8, 4), cfilt(5, 4), rand(8, 4)
     sf, fc = tritonlab.spectral_filter, tritonlab.fft_conv
@@ -381,7 +384,7 @@ def _bad_calls():
         ("x", ValueError, lambda: tritonlab.fnet_mix(rand(2, 0, 4))),
         ("x", ValueError, lambda: sf(rand(2, 0, 4), cfilt(1, 4))),
         ("x", ValueError, lambda: fc(rand(2, 0, 4), rand(0, 4))),
-        ("float64", TypeError, lambda: tritonlab.fnet_mix(x.double(), backend="triton")),
+        ("float64", TypeError, lambda: tritonlab.fnet_mix(x.double().to(_DEVICE), backend="triton")),
         ("backend", ValueError, lambda: tritonlab.fnet_mix(x, backend="cuda")),
         ("mode", ValueError, lambda: FFTTokenMixer(4, 8, "attention")),
         ("seq_len", ValueError, lambda: FFTTokenMixer(4, None, "filter")),
@@ -396,21 +399,21 @@ def test_bad_inputs_raise_clear_errors(name, exc, call):
         call()
 
 
-def test_lengths_beyond_the_triton_plans():
+def test_lengths_beyond_the_triton_plans(device):
     """Past the split path's largest transform, "triton" says so; "auto" and "torch" still compute."""
     s = 2**17 + 1
-    x, k = rand(1, s, 1), rand(3, 1)
+    x, k = rand(1, s, 1, device=device), rand(3, 1, device=device)
     with pytest.raises(ValueError, match="no Triton plan"):
         tritonlab.fft_conv(x, k, backend="triton")
     assert_close(tritonlab.fft_conv(x, k, backend="torch"), ref.fft_conv_direct_ref(np64(x), np64(k), True),
                  tolerance(torch.float32))
 
 
-def test_auto_can_leave_split_lengths_to_torch(monkeypatch, small_plans):
-    """AUTO_USES_SPLIT=False: "auto" (here through TRITONLAB_BACKEND on a CPU) sends split-path lengths
-    to torch.fft; an explicit "triton" still runs the split kernels."""
+def test_auto_can_leave_split_lengths_to_torch(monkeypatch, small_plans, device):
+    """AUTO_USES_SPLIT=False: "auto" (here through TRITONLAB_BACKEND, so that it also holds on a CPU)
+    sends split-path lengths to torch.fft; an explicit "triton" still runs the split kernels."""
     small_plans(16, 16)
-    x, filt = rand(2, 48, 3), cfilt(25, 3)
+    x, filt = rand(2, 48, 3, device=device), cfilt(25, 3).to(device)
     expected = ref.spectral_filter_ref(np64(x), np64(filt))
 
     def no_split(*args, **kwargs):
