@@ -70,6 +70,20 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def check_same_dtype(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """TypeError naming the tensor unless every given tensor (None skipped) has x's dtype."""
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass x, weights and biases in one dtype")
+
+
+def check_optional(name: str, t: torch.Tensor | None, expected: Sequence[int]) -> None:
+    """An optional float tensor (a bias): None, or of exactly the expected shape."""
+    if t is not None:
+        check_tensor(name, t)
+        check_shape(name, t, expected)
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All given tensors (None skipped) on one device; returns it. The error names the odd one out."""
     items = [(k, v) for k, v in tensors.items() if v is not None]

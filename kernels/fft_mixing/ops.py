@@ -498,7 +498,6 @@ def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         (the op is self-adjoint).
     """
     _check_x(x)
-    s, d = x.shape[-2], x.shape[-1]
     if x.numel() == 0:
         return torch.zeros_like(x)
     chosen = _choose_backend(backend, x, True, "fnet_mix")

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (INDEX_DTYPES, check_activation, dispatch, check_same_device,
-                        check_shape, check_tensor, flatten_tokens, new_output, next_pow2, resolve_backend)
+from .._backend import (INDEX_DTYPES, check_activation, check_optional, check_same_device, check_same_dtype,
+                        check_tensor, dispatch, flatten_tokens, new_output, next_pow2,
+                        resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting, triton
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -36,12 +37,6 @@ LEAF_ACTIVATIONS = GMS_ACTIVATIONS + ("swiglu",)
 
 
 # ----------------------------------------------------------------------------- validation
-
-def _check_same_dtype(x: Tensor, **others: Optional[Tensor]) -> None:
-    for name, t in others.items():
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass x, weights and biases in one dtype")
-
 
 def _prepare_indices(indices: object, lead: tuple[int, ...], t: int, num_groups: int) -> Tensor:
     """indices [*lead] / [*lead, k] / [T] / [T, k] -> int64 [T, k], range-checked (see module docstring)."""
@@ -455,10 +450,8 @@ def gather_matmul_scatter(x: Tensor, weight: Tensor, indices: Tensor, bias: Opti
         raise ValueError("weight must have at least one group (weight.shape[0] >= 1)")
     if d != x.shape[-1]:
         raise ValueError(f"weight must be [G, D, N] with D = x.shape[-1] = {x.shape[-1]}, got {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias)
-        check_shape("bias", bias, (g, n))
-    _check_same_dtype(x, weight=weight, bias=bias)
+    check_optional("bias", bias, (g, n))
+    check_same_dtype(x, weight=weight, bias=bias)
     check_activation(activation, GMS_ACTIVATIONS)
     check_same_device(x=x, weight=weight, indices=indices if isinstance(indices, Tensor) else None,
                       bias=bias, route_weights=route_weights if isinstance(route_weights, Tensor) else None)
@@ -513,13 +506,9 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     if h1 != want_h1:
         what = "2H (gate and up halves) for swiglu" if activation == "swiglu" else "H"
         raise ValueError(f"w1 must have {what} = {want_h1} columns to match w2 [G, H={h}, O], got {tuple(w1.shape)}")
-    if b1 is not None:
-        check_tensor("b1", b1)
-        check_shape("b1", b1, (g, h1))
-    if b2 is not None:
-        check_tensor("b2", b2)
-        check_shape("b2", b2, (g, o))
-    _check_same_dtype(x, w1=w1, b1=b1, w2=w2, b2=b2)
+    check_optional("b1", b1, (g, h1))
+    check_optional("b2", b2, (g, o))
+    check_same_dtype(x, w1=w1, b1=b1, w2=w2, b2=b2)
     check_same_device(x=x, indices=indices if isinstance(indices, Tensor) else None, w1=w1, b1=b1, w2=w2, b2=b2,
                       route_weights=route_weights if isinstance(route_weights, Tensor) else None)
     x2, lead = flatten_tokens("x", x, d)

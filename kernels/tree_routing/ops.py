@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (FLOAT_DTYPES, check_activation, dispatch, check_same_device, check_shape, check_tensor,
-                        flatten_tokens, new_output, next_pow2, resolve_backend)
+from .._backend import (check_activation, check_optional, check_same_device, check_same_dtype,
+                        check_tensor, dispatch, flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import interpreting, triton
 from .._tuning import TunableKernel, lookup_config, register
 from ..grouped_gemm.ops import leaf_mlp_triton
@@ -45,17 +45,9 @@ def _check_tree_inputs(x, node_weight, node_bias, w_name="node_weight", b_name="
     levels = _tree_depth(w_name, node_weight, extra_level)
     if node_weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{w_name} has width {node_weight.shape[1]} but x has last dim {x.shape[-1]}")
-    if node_bias is not None:
-        check_tensor(b_name, node_bias, ndim=1)
-        check_shape(b_name, node_bias, (node_weight.shape[0],))
-    _check_same_dtype(x, **{w_name: node_weight, b_name: node_bias})
+    check_optional(b_name, node_bias, (node_weight.shape[0],))
+    check_same_dtype(x, **{w_name: node_weight, b_name: node_bias})
     return levels
-
-
-def _check_same_dtype(x: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
-    for name, t in others.items():
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass all float tensors in one dtype")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -262,13 +254,9 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
     h, o = w1.shape[2], w2.shape[2]
     if w2.shape[1] != h:
         raise ValueError(f"w2 must be [L, H={h}, O] to match w1, got {tuple(w2.shape)}")
-    if b1 is not None:
-        check_tensor("b1", b1)
-        check_shape("b1", b1, (n_leaves, h))
-    if b2 is not None:
-        check_tensor("b2", b2)
-        check_shape("b2", b2, (n_leaves, o))
-    _check_same_dtype(x, w1=w1, b1=b1, w2=w2, b2=b2)
+    check_optional("b1", b1, (n_leaves, h))
+    check_optional("b2", b2, (n_leaves, o))
+    check_same_dtype(x, w1=w1, b1=b1, w2=w2, b2=b2)
     check_activation(activation)
     check_same_device(x=x, node_weight=node_weight, node_bias=node_bias, w1=w1, b1=b1, w2=w2, b2=b2)
     x2, lead = flatten_tokens("x", x)
@@ -301,7 +289,7 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
     check_tensor("w_out", w_out, ndim=2)
     if w_out.shape[0] != w_in.shape[0]:
         raise ValueError(f"w_out must have one row per node ({w_in.shape[0]}), got {w_out.shape[0]}")
-    _check_same_dtype(x, w_out=w_out)
+    check_same_dtype(x, w_out=w_out)
     check_activation(activation)
     check_same_device(x=x, w_in=w_in, w_out=w_out, b_in=b_in)
     x2, lead = flatten_tokens("x", x)
