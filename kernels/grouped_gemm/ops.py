@@ -38,6 +38,20 @@ LEAF_ACTIVATIONS = GMS_ACTIVATIONS + ("swiglu",)
 
 # ----------------------------------------------------------------------------- validation
 
+def _check_x_and_group_weight(x: Tensor, name: str, w: Tensor) -> tuple[int, int, int]:
+    """x [..., D] and a per-group weight [G >= 1, D, N]; returns (G, D, N)."""
+    check_tensor("x", x)
+    check_tensor(name, w, ndim=3)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim [..., D], got a 0-d tensor")
+    g, d, n = w.shape
+    if g == 0:
+        raise ValueError(f"{name} must have at least one group ({name}.shape[0] >= 1)")
+    if d != x.shape[-1]:
+        raise ValueError(f"{name} must be [G, D, N] with D = x.shape[-1] = {x.shape[-1]}, got {tuple(w.shape)}")
+    return g, d, n
+
+
 def _prepare_indices(indices: object, lead: tuple[int, ...], t: int, num_groups: int) -> Tensor:
     """indices [*lead] / [*lead, k] / [T] / [T, k] -> int64 [T, k], range-checked (see module docstring)."""
     check_tensor("indices", indices, dtypes=INDEX_DTYPES)
@@ -441,15 +455,7 @@ def gather_matmul_scatter(x: Tensor, weight: Tensor, indices: Tensor, bias: Opti
     Raises ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, or indices
     outside [0, G) (a host sync on CUDA, skipped under torch.compile; see the module docstring).
     """
-    check_tensor("x", x)
-    check_tensor("weight", weight, ndim=3)
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dim [..., D], got a 0-d tensor")
-    g, d, n = weight.shape
-    if g == 0:
-        raise ValueError("weight must have at least one group (weight.shape[0] >= 1)")
-    if d != x.shape[-1]:
-        raise ValueError(f"weight must be [G, D, N] with D = x.shape[-1] = {x.shape[-1]}, got {tuple(weight.shape)}")
+    g, d, n = _check_x_and_group_weight(x, "weight", weight)
     check_optional("bias", bias, (g, n))
     check_same_dtype(x, weight=weight, bias=bias)
     check_activation(activation, GMS_ACTIVATIONS)
@@ -487,18 +493,10 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     Raises ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, or indices
     outside [0, G) (a host sync on CUDA, skipped under torch.compile).
     """
-    check_tensor("x", x)
-    check_tensor("w1", w1, ndim=3)
+    g, d, h1 = _check_x_and_group_weight(x, "w1", w1)
     check_tensor("w2", w2, ndim=3)
     if activation != "swiglu":
         check_activation(activation, LEAF_ACTIVATIONS)
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dim [..., D], got a 0-d tensor")
-    g, d, h1 = w1.shape
-    if g == 0:
-        raise ValueError("w1 must have at least one group (w1.shape[0] >= 1)")
-    if d != x.shape[-1]:
-        raise ValueError(f"w1 must be [G, D, H] with D = x.shape[-1], got {tuple(w1.shape)} for x {tuple(x.shape)}")
     h, o = w2.shape[1], w2.shape[2]
     if w2.shape[0] != g:
         raise ValueError(f"w2 must have G = {g} groups (w1.shape[0]), got {tuple(w2.shape)}")
