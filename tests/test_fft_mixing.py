@@ -523,11 +523,11 @@ def test_gpu_backward_bf16():
     assert torch.isfinite(x.grad.float()).all() and torch.isfinite(m.filter.grad).all()
 
 
-@pytest.mark.parametrize("numel_threshold", [0, 2**62], ids=["full-fft2", "half-spectrum"])
-def test_fnet_fallback_both_routes(monkeypatch, device, numel_threshold):
-    """The torch fallback's two routes (full fft2 for large tensors, half spectrum plus symmetric fill)."""
+@pytest.mark.parametrize("numel_band", [(0, 0), (0, 2**62)], ids=["full-fft2", "half-spectrum"])
+def test_fnet_fallback_both_routes(monkeypatch, device, numel_band):
+    """The torch fallback's two routes (plain fft2, or half spectrum plus symmetric fill)."""
     from tritonlab.kernels.fft_mixing import fallback
-    monkeypatch.setattr(fallback, "FNET_FULL_FFT_NUMEL", numel_threshold)
+    monkeypatch.setattr(fallback, "FNET_HALF_SPECTRUM_NUMEL", numel_band)
     for b, s, d in [(2, 7, 5), (3, 12, 8), (1, 1, 1)]:
         x = rand(b, s, d, device=device)
         assert_close(tritonlab.fnet_mix(x, backend="torch"), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))
