@@ -48,13 +48,18 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
+def _check_real(name: str, t: object, layout: str) -> None:
+    """TypeError naming `name` unless t is a real floating tensor (complex is named as such)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex():
+        raise TypeError(f"{name} must be a real floating tensor {layout}, got complex dtype {_dtype_name(t.dtype)}")
+    if t.dtype not in REAL_DTYPES:
+        raise TypeError(f"{name} must have dtype in ({', '.join(map(_dtype_name, REAL_DTYPES))}), got {_dtype_name(t.dtype)}")
+
+
 def _check_x(x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_complex():
-        raise TypeError(f"x must be a real floating tensor [..., S, D], got complex dtype {_dtype_name(x.dtype)}")
-    if x.dtype not in REAL_DTYPES:
-        raise TypeError(f"x must have dtype in ({', '.join(map(_dtype_name, REAL_DTYPES))}), got {_dtype_name(x.dtype)}")
+    _check_real("x", x, "[..., S, D]")
     if x.dim() < 2:
         raise ValueError(f"x must be [..., S, D] (at least 2 dims, mixing along dim -2), got shape {tuple(x.shape)}")
     if x.shape[-2] == 0:
@@ -553,12 +558,7 @@ def fft_conv(x: torch.Tensor, k: torch.Tensor, causal: bool = True, *, backend: 
         [..., S, D] in x's dtype (float32 math). Differentiable in x and k.
     """
     _check_x(x)
-    if not isinstance(k, torch.Tensor):
-        raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
-    if k.is_complex():
-        raise TypeError(f"k must be a real floating tensor [L, D], got complex dtype {_dtype_name(k.dtype)}")
-    if k.dtype not in REAL_DTYPES:
-        raise TypeError(f"k must have dtype in ({', '.join(map(_dtype_name, REAL_DTYPES))}), got {_dtype_name(k.dtype)}")
+    _check_real("k", k, "[L, D]")
     s, d = x.shape[-2], x.shape[-1]
     if k.dim() != 2 or k.shape[1] != d:
         raise ValueError(f"k must be [L, D] with D = {d} (x's last dim), got shape {tuple(k.shape)}")
