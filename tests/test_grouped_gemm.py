@@ -11,7 +11,7 @@ from tritonlab.kernels._backend import torch_activation
 from tritonlab.kernels._tuning import registered
 from tritonlab.kernels.grouped_gemm import reference as ref
 from tritonlab.kernels.grouped_gemm.fallback import SlotLayout
-from tritonlab.kernels.grouped_gemm.grouping import DeviceGrouping
+from tritonlab.kernels.grouped_gemm.grouping import CountedGrouping, DeviceGrouping
 
 from helpers import DTYPES, assert_close, np64, rand, tolerance
 
@@ -79,6 +79,7 @@ LEAF_CASES = [  # t, k, g, d, h, o, activation, bias, rw, routing
     (23, 8, 9, 24, 12, 20, "silu", False, True, "uniform"),
     (40, 2, 64, 16, 8, 18, None, True, True, "sparse"),
     (30, 2, 6, 20, 16, 24, "swiglu", True, True, "uniform"),  # 60 slots: the direct (decode) plan
+    (33, 2, 4, 20, 130, 17, "relu", True, True, "skew"),  # hidden too wide for the fused kernel: two launches
 ]
 
 
@@ -165,6 +166,16 @@ def test_direct_and_sorted_plans_agree(device, monkeypatch):
     direct = ops.leaf_mlp_triton(x, idx, w1, b1, w2, b2, "gelu", r)
     monkeypatch.setattr(ops, "DIRECT_MAX_SLOTS", 0)
     assert_close(ops.leaf_mlp_triton(x, idx, w1, b1, w2, b2, "gelu", r), direct, tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_fused_and_two_launch_leaf_paths_agree(device, monkeypatch, act):
+    """The one-launch leaf MLP (narrow hidden layers) and the two-GEMM path give the same results."""
+    from tritonlab.kernels.grouped_gemm import ops
+    x, idx, w1, b1, w2, b2, r = leaf_inputs(71, 2, 5, 24, 20, 19, act, torch.float32, device, "skew")
+    fused = ops.leaf_mlp_triton(x, idx, w1, b1, w2, b2, act, r)
+    monkeypatch.setattr(ops, "FUSED_MAX_HIDDEN", 0)
+    assert_close(ops.leaf_mlp_triton(x, idx, w1, b1, w2, b2, act, r), fused, tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("mode_cost", [-(10**12), 10**12], ids=["sorted", "padded"])
@@ -326,6 +337,34 @@ def test_device_grouping_tiles_cover_every_row_once(device, g, t, k, block_m):
     assert torch.equal(nonempty[: expected.numel()], expected) and (nonempty[expected.numel():] == g).all()
 
 
+@pytest.mark.parametrize("g,t,k,kind", [(1, 50, 1, "uniform"), (7, 100, 2, "skew"), (64, 90, 3, "sparse"),
+                                        (65, 120, 2, "skew"), (300, 257, 1, "sparse"), (65536, 30, 8, "sparse")])
+def test_counted_grouping_equals_the_sorted_grouping(device, g, t, k, kind):
+    """The counting sort (forward) and the stable sort (backward) agree on offsets and tile maps, and
+    the counting sort's rows hold every slot once, each in its own group (any order within a group).
+    g <= 64 takes the per-block one-hot counts, larger g one atomic per slot."""
+    idx = routing(t, k, g, kind, device)
+    counted, stable = CountedGrouping(idx, g, block_m=16), DeviceGrouping(idx, g)
+    assert torch.equal(counted.offsets.cpu(), stable.offsets.cpu())
+    assert torch.equal(counted.counts.long().cpu(), torch.bincount(idx.reshape(-1).cpu(), minlength=g))
+    slots = counted.sorted_slot.long().cpu()
+    assert torch.equal(torch.sort(slots).values, torch.arange(t * k))
+    assert torch.equal(idx.reshape(-1).cpu()[slots], stable.sorted_group.cpu())
+    for block_m in (16, 32):
+        (cg, cr), (sg, sr) = counted.tiles(block_m), stable.tiles(block_m)
+        assert torch.equal(cg.cpu(), sg.cpu())
+        real = sg.cpu() < g
+        assert torch.equal(cr.cpu()[real], sr.cpu()[real])
+
+
+def test_counted_grouping_leaves_out_of_range_ids(device):
+    idx = torch.tensor([[0, 5], [-1, 2], [3, 1], [2, 2]], device=device)
+    counted = CountedGrouping(idx, 4)
+    assert counted.offsets.tolist() == [0, 1, 2, 5, 6]
+    # slots 1 (id 5) and 2 (id -1) are in no group; the rows past offsets[G] are never read
+    assert sorted(counted.sorted_slot[:6].tolist()) == [0, 3, 4, 5, 6, 7]
+
+
 @pytest.mark.parametrize("counts", [[40, 0, 0, 1, 1, 2], [5] * 8, [0] * 50 + [300], [1] * 200])
 def test_slot_layout_places_every_slot_once(counts):
     ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
@@ -340,7 +379,7 @@ def test_slot_layout_places_every_slot_once(counts):
 
 # ----------------------------------------------------------------------------- tuning registry
 
-@pytest.mark.parametrize("name", ["grouped_gemm", "grouped_wgrad", "grouped_slot_sum"])
+@pytest.mark.parametrize("name", ["grouped_gemm", "grouped_wgrad", "grouped_slot_sum", "leaf_mlp_fused"])
 def test_registered_kernels_run_their_small_preset(device, name):
     kernel = registered()[name]
     for shape in kernel.presets["small"]:

@@ -17,10 +17,24 @@ the slots routed to it (launch latency, not bandwidth, is what counts at that si
 
 Out-of-range ids (only possible when the range check was skipped under torch.compile) sort
 before offsets[0] or after offsets[G] and so belong to no tile: they are never read by a kernel.
+
+Two implementations of that interface:
+- `DeviceGrouping`: a stable sort (torch ops). Rows of a group keep slot order, which the backward's
+  weight-gradient sums need to give the same bits every run.
+- `CountedGrouping`: a counting sort in three small Triton launches (count, scan + tile map,
+  scatter) instead of a dozen torch ops around a radix sort: what the forward passes use, where
+  host time per launch is what large-T FFF layers wait on. Rows within a group come in whatever
+  order the atomics give; forward rows are computed independently, so no result changes.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from .._backend import next_pow2
+from .._triton import triton
+from .triton_kernels import group_count_kernel, group_plan_kernel, group_scatter_kernel
 
 
 #: largest slot count (T*k) and group count for the direct (sort-free) forward plan
@@ -30,6 +44,10 @@ DIRECT_MAX_GROUPS = 1024
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+#: group counts up to this use the per-block one-hot counts (one atomic per group and block)
+SMALL_GROUPS = 64
 
 
 class DeviceGrouping:
@@ -86,3 +104,62 @@ class DeviceGrouping:
             want = torch.arange(1, n + 1, device=counts.device, dtype=running.dtype)
             self._nonempty = torch.searchsorted(running, want).to(torch.int32)
         return self._nonempty
+
+
+class CountedGrouping:
+    """Slots of `indices` [T, k] grouped by a counting sort on the device (see module docstring).
+
+    `state` (from `new_state`): int32 [2G], per-group counts then per-group cursors, zeroed in one
+    memset. A producer of the ids may fill the counts as it makes them (the tree walk counts leaves
+    as it routes), which saves the counting launch; without `state` the ids are counted here.
+    `block_m` lays out the first tile map in the same launch as the offsets. Same attributes as
+    DeviceGrouping's forward use, plus `counts`; no `order`/`sorted_token` (the backward sorts).
+    """
+
+    direct = False
+    _BLOCK = 256  # slots per program of the count and scatter launches
+
+    @staticmethod
+    def new_state(num_groups: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(2 * num_groups, dtype=torch.int32, device=device)
+
+    def __init__(self, indices: torch.Tensor, num_groups: int, state: Optional[torch.Tensor] = None,
+                 block_m: Optional[int] = None):
+        t, k = indices.shape
+        self.num_tokens, self.topk, self.num_groups = t, k, num_groups
+        self.num_slots = m = t * k
+        self.ids = indices.reshape(-1)
+        dev = indices.device
+        small = next_pow2(num_groups) if num_groups <= SMALL_GROUPS else 0
+        grid = (triton.cdiv(m, self._BLOCK),)
+        counted = state is not None
+        if state is None:
+            state = self.new_state(num_groups, dev)
+        self.counts, cursor = state[:num_groups], state[num_groups:]
+        if not counted:
+            group_count_kernel[grid](self.ids, self.counts, m, num_groups, BLOCK=self._BLOCK, SMALL_G=small)
+        self.offsets = torch.empty(num_groups + 1, dtype=torch.int32, device=dev)
+        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plan(block_m or 64, write_offsets=True)
+        self.sorted_slot = torch.empty(m, dtype=torch.int32, device=dev)
+        group_scatter_kernel[grid](self.ids, self.offsets, cursor, self.sorted_slot, m, num_groups,
+                                   BLOCK=self._BLOCK, SMALL_G=small)
+
+    def max_tiles(self, block_m: int) -> int:
+        return cdiv(self.num_slots, block_m) + min(self.num_groups, self.num_slots)
+
+    def _plan(self, block_m: int, write_offsets: bool) -> None:
+        n = self.max_tiles(block_m)
+        tile_group = torch.empty(n, dtype=torch.int32, device=self.counts.device)
+        tile_row = torch.empty(n, dtype=torch.int32, device=self.counts.device)
+        block_g = min(1024, max(16, next_pow2(self.num_groups)))
+        group_plan_kernel[(triton.cdiv(self.num_groups, block_g),)](
+            self.counts, self.offsets, tile_group, tile_row, self.num_groups, n,
+            WRITE_OFFSETS=write_offsets, BLOCK_M=block_m, BLOCK_G=block_g)
+        self._tiles[block_m] = (tile_group, tile_row)
+
+    def tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tile_group, tile_row), int32 [max_tiles(block_m)]; tile_group == G marks a surplus tile."""
+        if block_m not in self._tiles:
+            self._plan(block_m, write_offsets=False)
+        return self._tiles[block_m]

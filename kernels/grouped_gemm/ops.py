@@ -27,8 +27,8 @@ from .._triton import ACTIVATION_CODES, interpreting, triton
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
 from .fallback import activation_and_grad, hidden_backward, hidden_forward
-from .grouping import DIRECT_MAX_GROUPS, DIRECT_MAX_SLOTS, DeviceGrouping
-from .triton_kernels import grouped_gemm_kernel, grouped_wgrad_kernel, slot_sum_kernel
+from .grouping import DIRECT_MAX_GROUPS, DIRECT_MAX_SLOTS, CountedGrouping, DeviceGrouping
+from .triton_kernels import grouped_gemm_kernel, grouped_wgrad_kernel, leaf_mlp_fused_kernel, slot_sum_kernel
 
 Tensor = torch.Tensor
 
@@ -129,6 +129,36 @@ def _wgrad_space(shape) -> list[dict]:
     return out
 
 
+#: widest hidden tile (H, or 2H for swiglu, rounded up to a power of two) the fused leaf MLP keeps in registers
+FUSED_MAX_HIDDEN = 128
+
+
+def fused_leaf_fits(h: int, gated: bool) -> bool:
+    """Whether leaf_mlp's hidden layer is narrow enough for the one-launch fused kernel."""
+    return max(16, next_pow2(h)) * (2 if gated else 1) <= FUSED_MAX_HIDDEN
+
+
+def _fused_leaf_default(shape) -> dict:
+    m, g, d, o = shape["T"] * shape["k"], shape["G"], shape["D"], shape["N"]
+    per_group = m / max(g, 1)
+    bm = 16 if per_group <= 16 else 32 if per_group <= 48 else 64
+    return {"BLOCK_M": min(bm, max(16, next_pow2(m))), "BLOCK_K": min(64, max(16, next_pow2(d))),
+            "BLOCK_N": min(128, max(16, next_pow2(o))), "num_warps": 4, "num_stages": 3}
+
+
+def _fused_leaf_space(shape) -> list[dict]:
+    m, d, o = shape["T"] * shape["k"], shape["D"], shape["N"]
+    bh = max(16, next_pow2(shape["H"])) * (1 + shape.get("gated", 0))
+    out = []
+    for bm, bk, bn, nw, ns in itertools.product((16, 32, 64, 128), (32, 64, 128), (32, 64, 128, 256), (4, 8), (2, 3, 4)):
+        if bm > max(16, next_pow2(m)) or bk > max(16, next_pow2(d)) or bn > max(16, next_pow2(o)):
+            continue
+        if bm * (bh + bn) > 128 * 256 or (bm * bk + bk * bh) * 2 * ns > 200 * 1024:
+            continue  # register tiles beyond this spill; shared memory beyond this does not fit (16-bit operands)
+        out.append({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
+    return out
+
+
 def _sum_default(shape) -> dict:
     return {"BLOCK_T": 16, "BLOCK_N": min(256, max(16, next_pow2(shape["N"]))), "num_warps": 4}
 
@@ -157,9 +187,7 @@ def _gemm(grouping: DeviceGrouping, a: Tensor, w: Tensor, *, gather_a: bool, sca
     m, kdim = grouping.num_slots, a.shape[1]
     n = w.shape[2] // 2 if swiglu else w.shape[2]
     out = new_output((m, n), out_dtype or a.dtype, a.device)
-    shape = {"T": grouping.num_tokens, "k": grouping.topk, "G": grouping.num_groups, "D": kdim, "N": n,
-             "gated": int(swiglu)}
-    cfg = dict(config or lookup_config("grouped_gemm", shape, a.dtype, a.device))
+    cfg = dict(config or _gemm_config(grouping.num_tokens, grouping.topk, a, w, swiglu))
     if grouping.direct:
         cfg["BLOCK_M"] = max(16, next_pow2(m))
         tile_group = tile_row = sorted_slot = offsets = grouping.ids
@@ -179,6 +207,34 @@ def _gemm(grouping: DeviceGrouping, a: Tensor, w: Tensor, *, gather_a: bool, sca
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def _leaf_mlp_fused(grouping: CountedGrouping, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                    b2: Optional[Tensor], activation: Optional[str], rw: Optional[Tensor] = None,
+                    config: Optional[dict] = None) -> Tensor:
+    """Both leaf GEMMs in one launch (fused_leaf_fits); returns [M, O] per-slot rows in slot order."""
+    swiglu = activation == "swiglu"
+    h, o = w2.shape[1], w2.shape[2]
+    out = new_output((grouping.num_slots, o), x.dtype, x.device)
+    cfg = config or _fused_leaf_config(grouping.num_tokens, grouping.topk, x, w1, w2, swiglu)
+    tile_group, tile_row = grouping.tiles(cfg["BLOCK_M"])
+    leaf_mlp_fused_kernel[(tile_group.shape[0],)](
+        x, w1, x if b1 is None else b1, w2, x if b2 is None else b2, x if rw is None else rw, out,
+        grouping.sorted_slot, tile_group, tile_row, grouping.offsets,
+        grouping.num_groups, x.shape[1], h, o,
+        x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), 0 if b1 is None else b1.stride(0),
+        w2.stride(0), w2.stride(1), w2.stride(2), 0 if b2 is None else b2.stride(0), out.stride(0),
+        TOPK=grouping.topk, HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RW=rw is not None,
+        ACT=0 if swiglu else _act_code(activation), SWIGLU=swiglu, UPCAST_DOT=_upcast(x.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_H=max(16, next_pow2(h)), BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def _fused_leaf_config(t: int, k: int, x: Tensor, w1: Tensor, w2: Tensor, swiglu: bool) -> dict:
+    shape = {"T": t, "k": k, "G": w1.shape[0], "D": x.shape[1], "H": w2.shape[1], "N": w2.shape[2],
+             "gated": int(swiglu)}
+    return lookup_config("leaf_mlp_fused", shape, x.dtype, x.device)
 
 
 def _slot_sum(buf: Tensor, t: int, k: int, out_dtype: torch.dtype, config: Optional[dict] = None) -> Tensor:
@@ -227,11 +283,22 @@ def _wgrad(grouping: DeviceGrouping, a: Tensor, b: Tensor, *, gather_a: bool, ga
     return dw, db
 
 
-def _forward_plan(indices: Tensor, num_groups: int) -> DeviceGrouping:
-    """The grouping for a forward pass: direct (sort-free) for decode sizes, sorted otherwise."""
+def _forward_plan(indices: Tensor, num_groups: int, block_m: Optional[int] = None,
+                  state: Optional[Tensor] = None):
+    """The grouping for a forward pass: direct (sort-free) for decode sizes, a counting sort otherwise
+    (`block_m`: the first GEMM's tile height, planned in the same launch as the offsets; `state`:
+    CountedGrouping's counts, already filled by the producer of the ids)."""
     t, k = indices.shape
-    direct = t * k <= DIRECT_MAX_SLOTS and num_groups <= DIRECT_MAX_GROUPS
-    return DeviceGrouping(indices, num_groups, direct=direct)
+    if t * k <= DIRECT_MAX_SLOTS and num_groups <= DIRECT_MAX_GROUPS:
+        return DeviceGrouping(indices, num_groups, direct=True)
+    return CountedGrouping(indices, num_groups, state=state, block_m=block_m)
+
+
+def _gemm_config(t: int, k: int, a: Tensor, w: Tensor, swiglu: bool) -> dict:
+    """The grouped_gemm config for T tokens x k slots of rows of `a` times the per-group `w`."""
+    n = w.shape[2] // 2 if swiglu else w.shape[2]
+    shape = {"T": t, "k": k, "G": w.shape[0], "D": a.shape[1], "N": n, "gated": int(swiglu)}
+    return lookup_config("grouped_gemm", shape, a.dtype, a.device)
 
 
 def _sorted_to_slots(grouping: DeviceGrouping, v: Tensor) -> Tensor:
@@ -245,21 +312,34 @@ def _act_code(activation: Optional[str]) -> int:
 
 @torch.no_grad()
 def gather_matmul_scatter_triton(x, weight, indices, bias, route_weights, activation) -> Tensor:
-    grouping = _forward_plan(indices, weight.shape[0])
+    cfg = _gemm_config(*indices.shape, x, weight, False)
+    grouping = _forward_plan(indices, weight.shape[0], block_m=cfg["BLOCK_M"])
     rw = None if route_weights is None else route_weights.reshape(-1)
-    y = _gemm(grouping, x, weight, gather_a=True, scatter=True, bias=bias, rw=rw, act=_act_code(activation))
+    y = _gemm(grouping, x, weight, gather_a=True, scatter=True, bias=bias, rw=rw, act=_act_code(activation),
+              config=cfg)
     return _per_token(grouping, y, x.dtype)
 
 
 @torch.no_grad()
-def leaf_mlp_triton(x, indices, w1, b1, w2, b2, activation, route_weights=None) -> Tensor:
-    """Both GEMMs on one grouping; the hidden layer [T*k, H] stays in sorted (grouped) order between them
-    (in slot order for the direct decode plan, which has no sorted order)."""
-    grouping = _forward_plan(indices.reshape(indices.shape[0], -1), w1.shape[0])
+def leaf_mlp_triton(x, indices, w1, b1, w2, b2, activation, route_weights=None, grouping_state=None) -> Tensor:
+    """The leaf MLP on one grouping. Narrow hidden layers (fused_leaf_fits) run both GEMMs in one
+    launch; wider ones run two, with the hidden layer [T*k, H] kept in sorted (grouped) order between
+    them (in slot order for the direct decode plan, which has no sorted order). `grouping_state`:
+    CountedGrouping.new_state with the counts of `indices` filled in by their producer (fff_forward's
+    tree walk); used only by the sorted plans."""
+    indices = indices.reshape(indices.shape[0], -1)
     swiglu = activation == "swiglu"
-    hidden = _gemm(grouping, x, w1, gather_a=True, scatter=False, bias=b1, swiglu=swiglu,
-                   act=0 if swiglu else _act_code(activation))
     rw = None if route_weights is None else route_weights.reshape(-1)
+    h = w2.shape[1]
+    if fused_leaf_fits(h, swiglu) and not (indices.numel() <= DIRECT_MAX_SLOTS and w1.shape[0] <= DIRECT_MAX_GROUPS):
+        cfg = _fused_leaf_config(*indices.shape, x, w1, w2, swiglu)
+        grouping = CountedGrouping(indices, w1.shape[0], state=grouping_state, block_m=cfg["BLOCK_M"])
+        y = _leaf_mlp_fused(grouping, x, w1, b1, w2, b2, activation, rw, config=cfg)
+        return _per_token(grouping, y, x.dtype)
+    cfg = _gemm_config(*indices.shape, x, w1, swiglu)
+    grouping = _forward_plan(indices, w1.shape[0], block_m=cfg["BLOCK_M"], state=grouping_state)
+    hidden = _gemm(grouping, x, w1, gather_a=True, scatter=False, bias=b1, swiglu=swiglu,
+                   act=0 if swiglu else _act_code(activation), config=cfg)
     y = _gemm(grouping, hidden, w2, gather_a=False, scatter=True, bias=b2, rw=rw)
     return _per_token(grouping, y, x.dtype)
 
@@ -596,6 +676,63 @@ register(TunableKernel(
                        {"T": 20, "k": 1, "G": 3, "D": 24, "N": 20, "gated": 1}],
              "models": _model_shapes((64, 4096)),
              "full": _model_shapes((1, 16, 64, 256, 1024, 4096, 16384))},
+))
+
+
+def _fused_leaf_inputs(shape, dtype, device):
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    t, k, g, d, h, o, gated = (shape[key] for key in ("T", "k", "G", "D", "H", "N", "gated"))
+
+    def r(*size, scale=1.0, dt=dtype):
+        return (scale * torch.randn(*size, generator=gen, device=device)).to(dt)
+
+    h1 = 2 * h if gated else h
+    idx = _random_indices(t, k, g, gen, device)
+    inp = {"x": r(t, d), "w1": r(g, d, h1, scale=d**-0.5), "b1": r(g, h1, scale=0.1), "w2": r(g, h, o, scale=h**-0.5),
+           "b2": r(g, o, scale=0.1), "rw": torch.softmax(r(t, k, dt=torch.float32), 1), "idx": idx,
+           "activation": "swiglu" if gated else "gelu"}
+    inp["grouping"] = CountedGrouping(idx, g)
+    return inp
+
+
+def _fused_leaf_run(inp, cfg):
+    return _leaf_mlp_fused(inp["grouping"], inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["b2"], inp["activation"],
+                           inp["rw"].reshape(-1), config=cfg)
+
+
+def _fused_leaf_error(inp, out) -> float:
+    """Per-slot outputs of sampled tokens and columns against float64, and no NaN/inf anywhere."""
+    if not torch.isfinite(out).all():
+        return float("inf")
+    k, o = inp["idx"].shape[1], out.shape[1]
+    toks, cols = _sample(inp["x"].shape[0]), _sample(o)
+    idx = inp["idx"].cpu().numpy()[toks]
+    x, rw = _f64(inp["x"][torch.from_numpy(toks).to(inp["x"].device)]), _f64(inp["rw"])[toks]
+    ref = np.zeros((toks.size, k, cols.size))
+    for g in np.unique(idx):
+        hidden = reference.act_ref(x @ _f64(inp["w1"][int(g)]) + _f64(inp["b1"][int(g)]), inp["activation"])
+        y = hidden @ _f64(inp["w2"][int(g)])[:, cols] + _f64(inp["b2"][int(g)])[cols]
+        for j in range(k):
+            rows = np.nonzero(idx[:, j] == g)[0]
+            ref[rows, j] = rw[rows, j, None] * y[rows]
+    slots = torch.from_numpy((toks[:, None] * k + np.arange(k)[None, :]).reshape(-1))
+    return rel_error(out.cpu()[slots][:, torch.from_numpy(cols)], ref.reshape(-1, cols.size))
+
+
+def _fff_leaf_shapes(tokens, widths=(16, 64)) -> list[dict]:
+    """FFF leaves of the speed targets: depth 8 (G = 256), D = O = 768, leaf width H."""
+    return [{"T": t, "k": 1, "G": 256, "D": 768, "H": h, "N": 768, "gated": 0} for h in widths for t in tokens]
+
+
+register(TunableKernel(
+    name="leaf_mlp_fused", default=_fused_leaf_default, space=_fused_leaf_space, make_inputs=_fused_leaf_inputs,
+    run=_fused_leaf_run, error=_fused_leaf_error, tolerance=lambda dtype: tolerance(dtype),
+    presets={"small": [{"T": 37, "k": 2, "G": 5, "D": 40, "H": 12, "N": 24, "gated": 0},
+                       {"T": 29, "k": 1, "G": 3, "D": 24, "H": 20, "N": 18, "gated": 1}],
+             "models": _fff_leaf_shapes((1024, 16384)),
+             "full": _fff_leaf_shapes((128, 1024, 4096, 16384, 65536), (16, 32, 64, 128))
+                     + [{"T": t, "k": 8, "G": 64, "D": 2048, "H": 32, "N": 2048, "gated": 1} for t in (1024, 4096)]},
 ))
 
 

@@ -14,6 +14,12 @@ Rows are slots sorted by group (grouping.py): group g owns sorted rows [offsets[
 - `grouped_wgrad_kernel`: dW[g] = sum over g's rows of A_row^T (rw * B_row) and db[g] = sum of
   rw * B_row, one program per (group, D block, N block) looping over the group's rows; rows of A
   and B are gathered or sorted like above. Deterministic (each output owned by one program).
+- `leaf_mlp_fused_kernel`: both GEMMs of a leaf MLP whose hidden width fits one register tile
+  (FFF leaves, H <= 128): one program per row tile computes the tile's hidden layer, keeps it in
+  registers, and sweeps the output columns with it. One launch, no hidden buffer.
+- `group_count_kernel`, `group_plan_kernel`, `group_scatter_kernel`: the forward grouping as a
+  counting sort (grouping.CountedGrouping): per-group counts by atomics, then offsets and the
+  per-tile map from one scan, then each slot's sorted row from an atomic cursor per group.
 """
 from __future__ import annotations
 
@@ -186,3 +192,156 @@ def grouped_wgrad_kernel(
     if HAS_DB:
         if pid_d == 0:
             tl.store(db_ptr + g.to(tl.int64) * stride_dbg + nn * stride_dbn, db.to(db_ptr.dtype.element_ty), mask=nmask)
+
+
+@jit
+def leaf_mlp_fused_kernel(
+    x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rw_ptr, out_ptr,
+    sorted_slot_ptr, tile_group_ptr, tile_row_ptr, offsets_ptr,
+    num_groups, D, H, O,
+    stride_xm, stride_w1g, stride_w1k, stride_w1n, stride_b1g,
+    stride_w2g, stride_w2k, stride_w2n, stride_b2g, stride_om,
+    TOPK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_RW: tl.constexpr,
+    ACT: tl.constexpr, SWIGLU: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    g = tl.load(tile_group_ptr + tl.program_id(0))
+    if g >= num_groups:  # surplus tile of the upper-bound grid
+        return
+    row0 = tl.load(tile_row_ptr + tl.program_id(0))
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < tl.load(offsets_ptr + g + 1)
+    slot = tl.load(sorted_slot_ptr + rows, mask=rmask, other=0)
+    x_base = x_ptr + (slot // TOPK).to(tl.int64)[:, None] * stride_xm
+    hh = tl.arange(0, BLOCK_H)
+    hmask = hh < H
+    g64 = g.to(tl.int64)
+    w1_base = w1_ptr + g64 * stride_w1g
+    # hidden = act(x_rows @ w1[g] + b1[g]), the whole width H in one [BLOCK_M, BLOCK_H] tile
+    hid = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    hid_up = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < D
+        a = tl.load(x_base + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & hmask[None, :]
+        w = tl.load(w1_base + kk[:, None] * stride_w1k + hh[None, :] * stride_w1n, mask=wmask, other=0.0)
+        hid = _mma(hid, a, w, UPCAST_DOT)
+        if SWIGLU:
+            wu = tl.load(w1_base + kk[:, None] * stride_w1k + (hh + H)[None, :] * stride_w1n, mask=wmask, other=0.0)
+            hid_up = _mma(hid_up, a, wu, UPCAST_DOT)
+    if HAS_B1:
+        hid += tl.load(b1_ptr + g64 * stride_b1g + hh, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            hid_up += tl.load(b1_ptr + g64 * stride_b1g + H + hh, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        hid = apply_activation(hid, 3) * hid_up  # silu(gate) * up
+    else:
+        hid = apply_activation(hid, ACT)
+    # rounded to x's dtype like the two-launch path's hidden buffer, so both paths give the same bits
+    hid = tl.where(hmask[None, :], hid, 0.0).to(x_ptr.dtype.element_ty)
+    if HAS_RW:
+        rw = tl.load(rw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
+    w2_base = w2_ptr + g64 * stride_w2g
+    out_rows = out_ptr + slot.to(tl.int64)[:, None] * stride_om
+    for n0 in range(0, O, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        nmask = nn < O
+        w2 = tl.load(w2_base + hh[:, None] * stride_w2k + nn[None, :] * stride_w2n,
+                     mask=hmask[:, None] & nmask[None, :], other=0.0)
+        y = _mma(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), hid, w2, UPCAST_DOT)
+        if HAS_B2:
+            y += tl.load(b2_ptr + g64 * stride_b2g + nn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_RW:
+            y = y * rw[:, None]
+        tl.store(out_rows + nn[None, :], y.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@jit
+def _valid_ids(ids_ptr, pid, M, G, BLOCK: tl.constexpr):
+    """Slots of block `pid`, their group ids clamped into [0, G) and which of them are real and in range."""
+    slot = pid * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + slot, mask=slot < M, other=-1)
+    ok = (slot < M) & (ids >= 0) & (ids < G)
+    return slot, tl.where(ok, ids, 0).to(tl.int32), ok
+
+
+@jit
+def group_count_kernel(ids_ptr, counts_ptr, M, G, BLOCK: tl.constexpr, SMALL_G: tl.constexpr):
+    """counts[g] += number of slots of this block in group g (ids outside [0, G) are not counted).
+    SMALL_G (a power of two >= G): the block's counts are summed first, then one atomic per group,
+    so that a few hot groups (8 experts) do not serialize thousands of atomics on one address."""
+    slot, ids, ok = _valid_ids(ids_ptr, tl.program_id(0), M, G, BLOCK)
+    if SMALL_G > 0:
+        bins = tl.arange(0, SMALL_G)
+        hit = (ids[:, None] == bins[None, :]) & ok[:, None]
+        local = tl.sum(hit.to(tl.int32), axis=0)
+        tl.atomic_add(counts_ptr + bins, local, mask=(bins < G) & (local > 0))
+    else:
+        tl.atomic_add(counts_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=ok)
+
+
+@jit
+def group_plan_kernel(counts_ptr, offsets_ptr, tile_group_ptr, tile_row_ptr, G, max_tiles,
+                      WRITE_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """From counts [G]: offsets [G + 1] (exclusive scan) and the tile map for tiles of BLOCK_M rows.
+
+    Program p owns groups [p * BLOCK_G, (p + 1) * BLOCK_G). Each program sums the counts before its
+    block itself (G / BLOCK_G loads of BLOCK_G each: cheaper than a second launch), then writes its
+    groups' offsets and tiles; tiles past the last group's are marked with group G.
+    """
+    pid = tl.program_id(0)
+    g0 = pid * BLOCK_G
+    lane = tl.arange(0, BLOCK_G)
+    rows_before = tl.zeros([BLOCK_G], dtype=tl.int32)
+    tiles_before = tl.zeros([BLOCK_G], dtype=tl.int32)
+    tiles_all = tl.zeros([BLOCK_G], dtype=tl.int32)
+    for c0 in range(0, G, BLOCK_G):
+        gg = c0 + lane
+        c = tl.load(counts_ptr + gg, mask=gg < G, other=0)
+        nt = (c + BLOCK_M - 1) // BLOCK_M
+        before = gg < g0
+        rows_before += tl.where(before, c, 0)
+        tiles_before += tl.where(before, nt, 0)
+        tiles_all += nt
+    gg = g0 + lane
+    gmask = gg < G
+    c = tl.load(counts_ptr + gg, mask=gmask, other=0)
+    nt = (c + BLOCK_M - 1) // BLOCK_M
+    row_end = tl.sum(rows_before, axis=0) + tl.cumsum(c, axis=0)
+    row_start = row_end - c
+    tile_start = tl.sum(tiles_before, axis=0) + tl.cumsum(nt, axis=0) - nt
+    if WRITE_OFFSETS:
+        tl.store(offsets_ptr + gg + 1, row_end, mask=gmask)
+        if pid == 0:
+            tl.store(offsets_ptr + lane, tl.zeros([BLOCK_G], dtype=tl.int32), mask=lane == 0)
+    for j in range(0, tl.max(nt, axis=0)):
+        m = gmask & (j < nt)
+        tl.store(tile_group_ptr + tile_start + j, gg, mask=m)
+        tl.store(tile_row_ptr + tile_start + j, row_start + j * BLOCK_M, mask=m)
+    # the surplus of the upper-bound tile grid, shared out among the programs
+    surplus = tl.full([BLOCK_G], G, dtype=tl.int32)
+    for s0 in range(tl.sum(tiles_all, axis=0) + g0, max_tiles, tl.num_programs(0) * BLOCK_G):
+        ss = s0 + lane
+        tl.store(tile_group_ptr + ss, surplus, mask=ss < max_tiles)
+
+
+@jit
+def group_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_slot_ptr, M, G,
+                         BLOCK: tl.constexpr, SMALL_G: tl.constexpr):
+    """sorted_slot[offsets[g] + r] = slot, r = the slot's rank in its group from an atomic cursor.
+    SMALL_G: ranks within the block by a running count per group and one atomic per group (the
+    block's slots stay in order); else one atomic per slot. Order between blocks is whatever the
+    atomics make it; the forward GEMMs compute each row independently, so that changes no bits."""
+    slot, ids, ok = _valid_ids(ids_ptr, tl.program_id(0), M, G, BLOCK)
+    if SMALL_G > 0:
+        bins = tl.arange(0, SMALL_G)
+        hit = ((ids[:, None] == bins[None, :]) & ok[:, None]).to(tl.int32)
+        local = tl.sum(hit, axis=0)
+        base = tl.atomic_add(cursor_ptr + bins, local, mask=(bins < G) & (local > 0))
+        before = tl.sum(tl.where(hit > 0, tl.cumsum(hit, axis=0) - 1, 0), axis=1)  # earlier slots of its group
+        rank = tl.sum(tl.where(hit > 0, base[None, :], 0), axis=1) + before
+    else:
+        rank = tl.atomic_add(cursor_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=ok)
+    pos = tl.load(offsets_ptr + ids, mask=ok, other=0) + rank
+    tl.store(sorted_slot_ptr + pos, slot, mask=ok)

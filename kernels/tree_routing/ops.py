@@ -18,6 +18,7 @@ from .._backend import (check_activation, check_optional, check_same_device, che
                         check_tensor, dispatch, flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import interpreting, triton
 from .._tuning import TunableKernel, lookup_config, register
+from ..grouped_gemm.grouping import CountedGrouping
 from ..grouped_gemm.ops import leaf_mlp_triton
 from . import fallback, reference
 from .triton_kernels import fff_fused_kernel, path_accumulate_kernel, tree_walk_kernel
@@ -91,7 +92,9 @@ def _fused_space(shape) -> list[dict]:
 
 # ----------------------------------------------------------------------------- Triton launchers
 
-def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, config: Optional[dict] = None):
+def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, config: Optional[dict] = None,
+                 leaf_counts: Optional[torch.Tensor] = None):
+    """One launch walks every level; `leaf_counts` (zeroed int32 [2**levels]) gets each leaf's token count added."""
     t, d = x.shape
     cfg = config or lookup_config("tree_route", {"T": t, "D": d, "depth": levels}, x.dtype, x.device)
     dense = min(cfg["DENSE_LEVELS"], levels)
@@ -100,8 +103,10 @@ def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, confi
     path_logits = new_output((t, levels), torch.float32, x.device) if store_path else x
     grid = (triton.cdiv(t, cfg["BLOCK_T"]),)
     tree_walk_kernel[grid](
-        x, w, w if b is None else b, leaf, path_nodes, path_logits, t, d, x.stride(0), w.stride(0),
+        x, w, w if b is None else b, leaf, path_nodes, path_logits, leaf if leaf_counts is None else leaf_counts,
+        t, d, x.stride(0), w.stride(0),
         LEVELS=levels, HAS_BIAS=b is not None, STORE_LEAF=store_leaf, STORE_PATH=store_path,
+        COUNT_LEAVES=leaf_counts is not None,
         DENSE_LEVELS=dense, DENSE_COLS=max(16, next_pow2(2**dense - 1)),
         UPCAST_DOT=(x.dtype == torch.float32 or interpreting()), RESIDENT=cfg["BLOCK_D"] >= d,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
@@ -168,11 +173,13 @@ def _fff_forward_impl(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Opt
         return _fff_fused_triton(x, node_weight, node_bias, w1, b1, w2, b2, activation)
     depth = (node_weight.shape[0] + 1).bit_length() - 1
     if depth == 0:
-        leaf = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-    else:
-        leaf = _walk_triton(x, node_weight, node_bias, depth, store_leaf=True, store_path=False)[0]
+        leaf, state = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device), None
+    else:  # the walk also counts tokens per leaf: the grouping's first step, without a launch of its own
+        state = CountedGrouping.new_state(2**depth, x.device)
+        leaf = _walk_triton(x, node_weight, node_bias, depth, store_leaf=True, store_path=False,
+                            leaf_counts=state[: 2**depth])[0]
     # The leaves as one grouped computation (grouped_gemm.leaf_mlp's Triton path; no host sync).
-    return leaf_mlp_triton(x, leaf.view(-1, 1), w1, b1, w2, b2, activation), leaf
+    return leaf_mlp_triton(x, leaf.view(-1, 1), w1, b1, w2, b2, activation, grouping_state=state), leaf
 
 
 _fff_forward_op = torch.library.custom_op("tritonlab::fff_forward", _fff_forward_impl, mutates_args=())

@@ -5,7 +5,9 @@
   product on the tensor cores (all tokens need the root and its first descendants, so reading
   those node rows as a matrix beats a per-token gather); below that, each level gathers the row of
   each token's node and reduces x * w over D in chunks. Optionally records the path (node id and
-  logit per level) for the UltraFastBERT form and the leaf for tree_route.
+  logit per level) for the UltraFastBERT form and the leaf for tree_route, and optionally counts
+  the tokens of each leaf (atomics into a zeroed int32 [L]): the first step of grouping tokens by
+  leaf for fff_forward's grouped leaves, done while the leaves are in registers.
 - `fff_fused_kernel`: decode-size fff_forward (T <= 64): one program per (token, block of outputs)
   routes its token, then runs that leaf's MLP from the leaf weights, with the hidden activations
   kept in registers chunk by chunk (H need not fit at once).
@@ -39,10 +41,10 @@ def _gather_logits(x_ptr, stride_x, rows, rmask, w_ptr, stride_w, b_ptr, node, D
 
 
 @jit
-def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_ptr,
+def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_ptr, count_ptr,
                      T, D, stride_x, stride_w,
                      LEVELS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     STORE_LEAF: tl.constexpr, STORE_PATH: tl.constexpr,
+                     STORE_LEAF: tl.constexpr, STORE_PATH: tl.constexpr, COUNT_LEAVES: tl.constexpr,
                      DENSE_LEVELS: tl.constexpr, DENSE_COLS: tl.constexpr, UPCAST_DOT: tl.constexpr,
                      RESIDENT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -99,6 +101,8 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
         node = 2 * node + 1 + (logit >= 0).to(tl.int32)
     if STORE_LEAF:
         tl.store(leaf_ptr + rows, node - (2**LEVELS - 1), mask=rmask)
+    if COUNT_LEAVES:
+        tl.atomic_add(count_ptr + node - (2**LEVELS - 1), tl.full([BLOCK_T], 1, tl.int32), mask=rmask)
 
 
 @jit
