@@ -5,10 +5,14 @@
                        [--workers N | --ray ADDRESS] [--retune] [--config-dir DIR] [--import MODULE]
     tritonlab autotune --show [--slug SLUG]
     tritonlab autotune --merge FILE [FILE ...]
+    tritonlab autotune --vs-triton-autotune [--kernel K ...] [--preset P] [--strategy S] [--budget MIN]
+                       [--rounds N] [--out FILE.md|.csv|.json]
 
 Entries are written one by one as jobs finish (an interrupted run keeps them; running again tunes
 only what is missing). `--budget` bounds the whole run in minutes and selects the budgeted strategy
 unless --strategy says otherwise; each job gets at most twice its fair share of the budget.
+`--vs-triton-autotune` compares our pick with Triton's own autotuner over the same space, side by
+side (versus.py); there `--budget` only stops new jobs from starting.
 lab/cli.py wires this module in through `add_arguments(parser)` and `run(args)`.
 """
 from __future__ import annotations
@@ -52,6 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (it registers more tunable kernels)")
     p.add_argument("--seed", type=int, default=0, help="seed of the budgeted search")
+    p.add_argument("--vs-triton-autotune", action="store_true",
+                   help="per job, our pick (database entry, else tuned) against @triton.autotune's winner over "
+                        "the same pruned space, both timed side by side; --budget then only stops new jobs")
+    p.add_argument("--rounds", type=int, default=5, metavar="N",
+                   help="with --vs-triton-autotune: interleaved timing rounds per config (default 5)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="with --vs-triton-autotune: also write the table to FILE (.md, .csv or .json), "
+                        "rewritten after every job")
 
 
 def _fmt_ms(v: Optional[float]) -> str:
@@ -194,6 +206,15 @@ def run(args: argparse.Namespace) -> int:
                   "about a GPU (entries go to the 'cpu' database).[/]")
 
     strategy = args.strategy or ("budgeted" if args.budget is not None else "exhaustive")
+    if args.vs_triton_autotune:
+        from .versus import run_cli as run_versus
+
+        # no deadline inside our searches: Triton's search is not cut short either
+        options = Options(strategy=strategy, max_measurements=args.max_measurements, config_dir=args.config_dir,
+                          imports=tuple(args.imports), retune=args.retune, seed=args.seed)
+        rc = run_versus(args, jobs, options, console, err)
+        provider.reset()
+        return rc
     start = time.time()
     deadline = start + 60 * args.budget if args.budget is not None else None
     options = Options(strategy=strategy, max_measurements=args.max_measurements, deadline=deadline,

@@ -129,7 +129,8 @@ def _summary(job: Job, status: str, **kw: Any) -> Summary:
 def summary_from_entry(job: Job, entry: dict, status: str = "cached", **kw: Any) -> Summary:
     return _summary(job, status, time_ms=entry.get("time_ms"), default_time_ms=entry.get("default_time_ms"),
                     speedup=entry.get("speedup"), config=entry.get("config"), measured=entry.get("measured", 0),
-                    space=entry.get("space", 0), complete=entry.get("complete", True), **kw)
+                    space=entry.get("space", 0), complete=entry.get("complete", True),
+                    strategy=entry.get("strategy"), search_s=entry.get("search_s"), **kw)
 
 
 def run_job(job: Job, options: Options, on_trial: Optional[Callable] = None) -> Summary:

@@ -177,6 +177,7 @@ class TuneResult:
     space_size: int = 0
     complete: bool = True
     error: Optional[str] = None  # why the whole job failed, if it did
+    search_s: Optional[float] = None  # wall-clock seconds of the whole search (compiles included)
 
     @property
     def ok(self) -> bool:
@@ -206,7 +207,8 @@ class TuneResult:
             config=self.best_config, time_ms=self.best_time_ms, default_config=self.default_config,
             default_time_ms=self.default_time_ms, shape=self.shape, device=self.device,
             strategy=self.strategy, space=self.space_size, measured=self.measured,
-            rejected=len(skipped), reasons=dict(list(skipped.items())[:max_reasons]), complete=self.complete)
+            rejected=len(skipped), reasons=dict(list(skipped.items())[:max_reasons]), complete=self.complete,
+            search_s=None if self.search_s is None else round(self.search_s, 3))
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -272,10 +274,12 @@ def tune(kernel: TunableKernel, shape: Mapping[str, int], dtype: torch.dtype = t
         return result
 
     _tls.depth = getattr(_tls, "depth", 0) + 1
+    start = time.perf_counter()
     try:
         return _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadline, seed, on_trial, result)
     finally:
         _tls.depth -= 1
+        result.search_s = time.perf_counter() - start
 
 
 def _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadline, seed, on_trial, result):

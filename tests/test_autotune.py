@@ -576,3 +576,141 @@ def test_budgeted_on_a_tiny_space_with_failures():
     """Fewer than three runnable configs: no cost model, the search falls back to local moves."""
     out = search.budgeted([{"A": 1}, {"A": 2}, {"A": 3}], lambda c: None if c["A"] == 1 else float(c["A"]))
     assert out == {"A=1": None, "A=2": 2.0, "A=3": 3.0}
+
+
+# ----------------------------------------------------------------------------- versus @triton.autotune
+
+def _random_costs(configs):
+    """Distinct random times (ms) per config, so the fastest is unique and known."""
+    vals = random.sample(range(10, 10 + 10 * len(configs)), len(configs))
+    return {search.config_key(c): v / 10 for c, v in zip(configs, vals)}
+
+
+def test_triton_autotuner_class_picks_what_the_injected_timer_makes_fastest():
+    """Triton's own Autotuner (not a re-implementation) over our configs through the adapter."""
+    from triton.runtime.autotuner import Autotuner
+
+    from tritonlab.autotune import versus
+
+    calls = []
+    configs = [{"BLOCK_T": b, "num_warps": w, "num_stages": s} for b in (16, 32) for w in (2, 4) for s in (2, 3)]
+    broken = configs[5]
+    costs = _random_costs(configs)
+    costs[search.config_key(broken)] = 0.01  # would win, but cannot launch: the Autotuner scores it inf
+    kernel = _double_kernel("fake_vs_pick", configs=configs, broken=[broken], calls=calls)
+    timer = lambda fn, cfg: costs[search.config_key(cfg)]  # noqa: E731
+    cpu = torch.device("cpu")
+    pick = versus.triton_autotune_pick(kernel, {"T": 5, "D": 7}, torch.float32, cpu, configs=configs, timer=timer)
+    fastest = min((c for c in configs if c != broken), key=lambda c: costs[search.config_key(c)])
+    assert isinstance(pick.autotuner, Autotuner) and pick.ok
+    assert pick.config == fastest and pick.time_ms == costs[search.config_key(fastest)]
+    assert pick.measured == len(configs) and pick.timings[search.config_key(broken)] is None
+    assert list(pick.failures) == [search.config_key(broken)] and "boom" in pick.failures[search.config_key(broken)]
+    # every config launched with its own dict (launch fields included), the winner once more at the end
+    assert all(c in calls for c in configs) and calls[-1] == fastest
+    tc = versus.triton_config(configs[3])
+    assert (tc.num_warps, tc.num_stages) == (configs[3]["num_warps"], configs[3]["num_stages"])
+    assert tc.kwargs == {"BLOCK_T": configs[3]["BLOCK_T"], versus.CONFIG_KWARG: search.config_key(configs[3])}
+
+
+def test_triton_autotuner_without_do_bench_parameter(monkeypatch):
+    """A triton.autotune whose signature lacks do_bench/cache_results (older Triton): the adapter
+    sets the benchmarker on the instance instead, and still gets the timer's winner."""
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from tritonlab.autotune import versus
+
+    def old_autotune(configs, key, prune_configs_by=None, reset_to_zero=None, restore_value=None, pre_hook=None,
+                     post_hook=None, warmup=None, rep=None, use_cuda_graph=False):
+        return lambda fn: Autotuner(fn, fn.arg_names, configs, key, reset_to_zero, restore_value)
+
+    monkeypatch.setattr(triton, "autotune", old_autotune)
+    configs = [{"BLOCK_T": b, "num_warps": w} for b in (16, 32, 64) for w in (2, 4)]
+    costs = _random_costs(configs)
+    kernel = _double_kernel("fake_vs_old", configs=configs)
+    pick = versus.triton_autotune_pick(kernel, {"T": 5, "D": 7}, torch.float32, torch.device("cpu"), configs=configs,
+                                       timer=lambda fn, cfg: costs[search.config_key(cfg)])
+    assert pick.config == min(configs, key=lambda c: costs[search.config_key(c)])
+
+
+def test_versus_tree_route_end_to_end_under_the_interpreter(dirs, monkeypatch):
+    """The real tree_route kernel (through the interpreter here, compiled on a GPU) on a tiny space:
+    both searches find the timer's winner, which is correct, and the side by side says so."""
+    from tritonlab.autotune import versus
+
+    user, _ = dirs
+    base = _tuning.registered()["tree_route"]
+    shape = dict(base.presets["small"][0])
+    c1 = {"BLOCK_T": 16, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 4}
+    c2 = {"BLOCK_T": 32, "BLOCK_D": 64, "DENSE_LEVELS": 2, "num_warps": 4}
+    c3 = {"BLOCK_T": 64, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 2}
+    pruned = {"BLOCK_T": 16, "BLOCK_D": 256, "DENSE_LEVELS": 0, "num_warps": 4}  # larger than D=48
+    kernel = dataclasses.replace(base, name="tree_route_vs", space=lambda s: [c1, c2, c3, pruned])
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    default = kernel.default(shape)
+    cost = {search.config_key(c): t for c, t in ((c1, 2.0), (c2, 1.0), (c3, 1.5), (default, 3.0))}
+    space = versus.search_space(kernel, shape, torch.bfloat16, runner.tuning_device())
+    assert pruned not in space and [c1, c2, c3] == space[:3] and default in space
+    job = runner.Job.make(kernel.name, shape, torch.bfloat16)
+    opts = runner.Options(strategy="exhaustive", timer=lambda fn, cfg: cost[search.config_key(cfg)], config_dir=str(user))
+    row = versus.compare_job(job, opts, rounds=2)
+    assert row["status"] == "ok" and row["our_source"] == "tuned" and row["our_search_s"] > 0
+    assert row["our_config"] == c2 and row["triton_config"] == c2 and row["same_config"]
+    assert row["our_correct"] and row["triton_correct"] and row["our_error"] <= base.tolerance(torch.bfloat16)
+    assert row["triton_measured"] == row["triton_space"] == len(space) and row["triton_failed"] == 0
+    assert row["our_ms"] == row["triton_ms"] == 1.0 and row["ratio"] == 1.0 and row["rounds"] == 2
+    assert row["verdict"] == "same config"
+    stored = TuningDB(_slug(), user_dir=user).get(kernel.name, shape, torch.bfloat16)
+    assert stored["config"] == c2 and stored["search_s"] > 0  # the tuner records how long it searched
+
+
+def test_versus_reports_a_wrong_triton_winner_and_verdicts(dirs, monkeypatch, cpu_pipeline):
+    """Triton's autotuner does not check results: when the fastest config is wrong, it picks it and
+    the comparison says so instead of timing it."""
+    from tritonlab.autotune import versus
+
+    user, _ = dirs
+    configs = [{"B": b, "W": w} for b in (16, 32, 64) for w in (2, 4)]
+    bad = {"B": 32, "W": 2}
+    costs = _random_costs(configs)
+    costs[search.config_key(bad)] = 0.05
+    kernel = _double_kernel("fake_vs_wrong", configs=configs, bad=[bad])
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    opts = runner.Options(timer=lambda fn, cfg: costs[search.config_key(cfg)], config_dir=str(user))
+    row = versus.compare_job(runner.Job.make(kernel.name, {"T": 5, "D": 7}, torch.float32), opts, rounds=1)
+    ours = min((c for c in configs if c != bad), key=lambda c: costs[search.config_key(c)])
+    assert row["triton_config"] == bad and row["our_config"] == ours
+    assert row["status"] == "wrong" and not row["triton_correct"] and row["our_correct"]
+    assert "triton winner fails the reference check" in row["reason"] and "our_ms" not in row
+    assert versus.verdict(1.0, 1.0, 1.0, same=True) == "same config"
+    assert versus.verdict(1.01, 1.0, 1.02, same=False) == "equal within noise"
+    assert versus.verdict(1.10, 0.97, 1.2, same=False) == "equal within noise"
+    assert versus.verdict(1.10, 1.05, 1.2, same=False) == "triton faster"
+    assert versus.verdict(0.90, 0.85, 0.95, same=False) == "ours faster"
+
+
+def test_cli_vs_triton_autotune_writes_the_table(dirs, monkeypatch, cpu_pipeline, tmp_path, capsys):
+    user, _ = dirs
+    configs = [{"B": b, "W": w} for b in (16, 32, 64) for w in (2, 4)]
+    kernel = _double_kernel("fake_vs_cli", configs=configs)
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    costs = _random_costs(configs)
+    monkeypatch.setattr(tuner, "default_timer", lambda device: (lambda fn, cfg: costs[search.config_key(cfg)]))
+    fastest = min(configs, key=lambda c: costs[search.config_key(c)])
+    base = ["--vs-triton-autotune", "--kernel", kernel.name, "--preset", "small", "--config-dir", str(user),
+            "--rounds", "2"]
+    assert autotune_main(base + ["--out", str(tmp_path / "vs.csv")]) == 0
+    out = capsys.readouterr().out
+    assert kernel.name in out and "same config" in out and "geometric mean of ours/triton time: 1.000" in out
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "vs.csv").open()))
+    assert len(rows) == 1 and rows[0]["our_config"] == rows[0]["triton_config"] == search.config_key(fastest)
+    assert rows[0]["verdict"] == "same config" and float(rows[0]["ratio"]) == 1.0 and rows[0]["our_source"] == "tuned"
+    # again: our pick now comes from the database; markdown output
+    assert autotune_main(base + ["--out", str(tmp_path / "vs.md")]) == 0
+    text = (tmp_path / "vs.md").read_text()
+    assert "| fake_vs_cli | float32 | T=5,D=7 |" in text and " db |" in text and "same config" in text
+    assert autotune_main(base + ["--workers", "2"]) == 2
+    assert "--workers" in capsys.readouterr().err
