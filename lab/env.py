@@ -14,6 +14,9 @@ from .kernels._triton import HAS_TRITON, interpreting
 
 
 def _git_commit() -> str:
+    """HEAD's short hash; TRITONLAB_COMMIT names it where the tree is an export without .git (a GPU box)."""
+    if os.environ.get("TRITONLAB_COMMIT"):
+        return os.environ["TRITONLAB_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
