@@ -14,7 +14,10 @@ from tritonlab.kernels.fft_mixing import FFTTokenMixer, describe_plan, ops, plan
 from tritonlab.kernels.fft_mixing import reference as ref
 from tritonlab.kernels._tuning import registered
 
-from helpers import DTYPES, assert_close, np64, rand, tolerance
+from tritonlab.kernels._triton import HAS_TRITON, jit, tl
+from tritonlab.kernels.fft_mixing.triton_kernels import _conv_address, _offsets
+
+from helpers import DTYPES, assert_close, np64, rand, rel_error, tolerance
 
 SEQ_LENS = [1, 2, 3, 5, 8, 12, 17, 48, 100]
 #: float32 gradients (fp32 forward and backward, compared with float64)
@@ -485,6 +488,54 @@ def test_tunable_kernels_registered(device):
             assert kernel.error(inputs, out) <= tolerance(torch.float32)
 
 
+# ----------------------------------------------------------------------------- index widths
+
+@jit
+def _offset_probe(out_ptr, i, stride_i, j, stride_j, r, col, S, N2, D):
+    """out[0] = _offsets(i, stride_i, j, stride_j), out[1] = _conv_address(r, col, ...) offset, with
+    i, j, r, col arriving as int32 (as program ids and aranges do in the kernels)."""
+    one = tl.arange(0, 1)
+    tl.store(out_ptr + one[:, None] + one[None, :], _offsets((i + one)[:, None], stride_i, (j + one)[None, :], stride_j))
+    addr, ok = _conv_address(r + one, col + one, S, N2, D, 0, False)
+    tl.store(out_ptr + 1 + one[:, None] + one[None, :], tl.where(ok, addr, -1))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_kernel_offsets_do_not_wrap_past_2_31(device):
+    """Every pointer offset of the kernels goes through _offsets / _conv_address, which must widen
+    their int32 inputs before multiplying: an int32 product wraps silently past 2**31 (B*S*D is 805M
+    at B=64, S=16384, D=768, and the fp32 complex scratch of the split path doubles it)."""
+    out = torch.zeros(2, dtype=torch.int64, device=device)
+    i, stride_i, j, stride_j = 2**20 + 3, 12288, 2**30 + 7, 3  # both products > 2**31, all args int32
+    r, col, n2, d = 2**11, 5, 64, 2**15  # position r * N2 = 2**17, times D = 2**32
+    _offset_probe[(1,)](out, i, stride_i, j, stride_j, r, col, 2**18, n2, d)
+    assert out.tolist() == [i * stride_i + j * stride_j, r * n2 * d + col]
+
+
+def test_launch_grids_and_extents_are_checked():
+    """A grid past CUDA's limits or a dim too long for the int32 in-dim indices is a ValueError that
+    says so, not a failed (or silently wrong) launch; the models/full preset shapes are far inside."""
+    assert ops._grid(2**31 - 1, 65535, 1) == (2**31 - 1, 65535, 1)
+    for bad in [(2**31, 1), (1, 65536), (1, 1, 65536), (0, 1)]:
+        with pytest.raises(ValueError, match="launch grid"):
+            ops._grid(*bad)
+    with pytest.raises(ValueError, match="columns = "):
+        ops._check_extents(columns=2**31)
+    kernel = registered()["fnet_mix"]
+    for shape in kernel.presets["models"] + kernel.presets["full"]:
+        b, s, d = shape["B"], shape["S"], shape["D"]
+        ops._check_extents(columns=b * s, length=max(s, d))
+        for causal in (True, False):
+            p = plans.conv_plan(s, causal)
+            assert not p.split or p.N1 <= plans.MAX_SPLIT_N1
+        p = plans.dft_plan(s)
+        if p is not None and p.split:
+            ops._check_extents(split_columns=p.N2 * d)
+    for s in (2 * 65521, 5 * 52421, 2**18):  # long column factors: every split plan fits grid dim 1
+        for p in (plans.dft_plan(s), plans.conv_plan(min(s, 2**17), False), plans.conv_plan(min(s, 2**17), True)):
+            assert p is None or not p.split or p.N1 <= plans.MAX_SPLIT_N1
+
+
 # ----------------------------------------------------------------------------- GPU (compiled kernels)
 
 @pytest.mark.gpu
@@ -513,6 +564,51 @@ def test_gpu_every_config_of_the_space_is_correct(name):
     inputs = kernel.make_inputs(shape, torch.bfloat16, torch.device("cuda"))
     for cfg in kernel.space(shape):
         assert kernel.error(inputs, kernel.run(inputs, cfg)) <= kernel.tolerance(torch.bfloat16), cfg
+
+
+def _rel(out: torch.Tensor, ref_: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| on the device, in float64 (complex too)."""
+    out, ref_ = out.to(torch.complex128 if ref_.is_complex() else torch.float64), ref_
+    return float((out - ref_).abs().norm() / ref_.abs().norm()) if torch.isfinite(out.abs()).all() else float("inf")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [2, 64])
+def test_gpu_fnet_every_config_at_the_longest_models_shape(b):
+    """fnet_mix at S = 16384, D = 768 (dense four-step along D, then the split path along S) for every
+    config of its tuning space, each pass also checked on its own against cuFFT in float64, so that a
+    failure names the pass and the config (an H100 run reported one config at error 25 for B = 64;
+    B = 2 tells a shape-dependent failure from a config-dependent one)."""
+    s, d = 16384, 768
+    kernel = registered()["fnet_mix"]
+    x = rand(b, s, d, dtype=torch.bfloat16, device="cuda")
+    rows = [0, b - 1]
+    spec_d = torch.fft.fft(x[rows].double(), dim=2)
+    want = torch.fft.fft(spec_d, dim=1).real
+    w = torch.fft.fft(x.float(), dim=2)  # an exact input for the S pass alone
+    w_r, w_i = w.real.contiguous().reshape(-1), w.imag.contiguous().reshape(-1)
+    del w
+    w_rows = torch.complex(w_r.view(b, s, d)[rows].double(), w_i.view(b, s, d)[rows].double())
+    want_s = torch.fft.fft(w_rows, dim=1).real
+    tol = kernel.tolerance(torch.bfloat16)
+    prec = ops._precision(x.dtype)
+    failures = []
+    for cfg in kernel.space({"B": b, "S": s, "D": d}):
+        wr = torch.full((b * s * d,), float("nan"), device="cuda")
+        wi = torch.full((b * s * d,), float("nan"), device="cuda")
+        ops._dft_axis(x.reshape(-1), x.reshape(-1), wr, wi, d, b * s, 1, (0, 1, d), (0, 1, d), False, True,
+                      cfg["D_BLOCK"], cfg, prec, allow_split=False)
+        err_d = _rel(torch.complex(wr, wi).view(b, s, d)[rows], spec_d)
+        del wr, wi
+        y = torch.full((b, s, d), float("nan"), dtype=x.dtype, device="cuda")
+        ops._dft_axis(w_r, w_i, y.reshape(-1), y.reshape(-1), s, d, b, (s * d, d, 1), (s * d, d, 1), True, False,
+                      cfg["S_BLOCK"], cfg, prec)
+        err_s = _rel(y[rows], want_s)
+        del y
+        err = _rel(ops._fnet_triton(x, cfg)[rows], want)
+        if not max(err_d, err_s, err) <= tol:
+            failures.append(f"{cfg}: D pass {err_d:.3g}, S pass {err_s:.3g}, fnet_mix {err:.3g}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu

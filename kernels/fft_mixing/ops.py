@@ -40,6 +40,11 @@ AUTO_USES_SPLIT = True
 SPLIT_SCRATCH_BYTES = 1 << 30
 #: grid dims 1 and 2 of a CUDA launch are at most 65535: batches are launched in chunks
 MAX_GRID_BATCH = 65535
+#: grid dim 0 of a CUDA launch
+MAX_GRID_X = 2**31 - 1
+#: the kernels index within one tensor dim (a column, a channel, a position) in int32, a block past
+#: its end included; every pointer offset itself is int64 (triton_kernels._offsets)
+MAX_INT32_EXTENT = 2**31 - 2**16
 
 
 # ----------------------------------------------------------------------------- validation
@@ -210,6 +215,24 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _grid(*dims: int) -> tuple[int, ...]:
+    """A launch grid checked against CUDA's limits: a ValueError naming the dim, not a failed launch."""
+    for axis, n in enumerate(dims):
+        limit = MAX_GRID_X if axis == 0 else MAX_GRID_BATCH
+        if not 1 <= n <= limit:
+            raise ValueError(f"launch grid {dims}: dim {axis} = {n} is outside CUDA's 1..{limit}; "
+                             "use backend='torch' for this shape")
+    return tuple(dims)
+
+
+def _check_extents(**extents: int) -> None:
+    """ValueError naming the dim when one is too long for the kernels' int32 in-dim indices."""
+    for name, n in extents.items():
+        if n > MAX_INT32_EXTENT:
+            raise ValueError(f"{name} = {n} is too long for the Triton kernels' int32 indices "
+                             f"(at most {MAX_INT32_EXTENT}); use backend='torch'")
+
+
 def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = None,
                    k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel spectrum (1/M folded in) in the plan's layout, as float32 (real, imaginary).
@@ -256,7 +279,7 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         b1 = min(b, b0 + step)
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
         xs, ys = x[b0:b1], y[b0:b1]
-        fused_conv_kernel[(_cdiv(d, cfg["BLOCK_D"]), _cdiv(b1 - b0, rows))](
+        fused_conv_kernel[_grid(_cdiv(d, cfg["BLOCK_D"]), _cdiv(b1 - b0, rows))](
             xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, xs.stride(0), xs.stride(1), ys.stride(0), ys.stride(1),
             skb, N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, MODE=plan.mode, BLOCK_D=cfg["BLOCK_D"],
             ROWS=rows, PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"])
@@ -276,6 +299,7 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     f2 = plans.dft_matrix(n2, plan.P2, dev)
     prec = _precision(x.dtype)
     cols = n2 * d
+    _check_extents(split_columns=cols)
     chunk = _split_batch(b, 8 * n1 * cols)
     ar = new_output((chunk, n1, cols), torch.float32, x.device)
     ai = new_output((chunk, n1, cols), torch.float32, x.device)
@@ -286,13 +310,13 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         nb = b1 - b0
         xs, ys = x[b0:b1], y[b0:b1]
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
-        grid = (_cdiv(cols, bc), _cdiv(n1, bk), nb)
+        grid = _grid(_cdiv(cols, bc), _cdiv(n1, bk), nb)
         dft_gemm_kernel[grid](
             xs, xs, ar, ai, circ1, circm, n1, cols, s, n2, d, m,
             xs.stride(0), 0, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=False, COMPLEX_OUT=True, IN_MODE=plan.mode, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
-        split_rows_kernel[(_cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
+        split_rows_kernel[_grid(_cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
             ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0,
             P2=plan.P2, FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"], PRECISION=prec, num_warps=nw)
         dft_gemm_kernel[grid](
@@ -322,6 +346,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
     GEMM path by plans.dft_plan; the split path needs a sequence axis of [B, S, C] with contiguous
     channels (allow_split=False for the transform along D, which then takes the dense GEMM).
     """
+    _check_extents(length=length, columns=cols)
     plan = plans.dft_plan(length)
     if plan is not None and plan.split and not allow_split:
         plan = None
@@ -334,7 +359,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         block = max(plan.min_block, min(block, plan.max_block))
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
-            dft_axis_kernel[(_cdiv(cols, block), nb)](
+            dft_axis_kernel[_grid(_cdiv(cols, block), nb)](
                 xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
                 f1, f2, tw, cols, *x_strides, *y_strides,
                 N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out,
@@ -345,7 +370,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         circ = plans.unit_circle(length, dev)
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
-            dft_gemm_kernel[(_cdiv(cols, bc), _cdiv(length, bk), nb)](
+            dft_gemm_kernel[_grid(_cdiv(cols, bc), _cdiv(length, bk), nb)](
                 xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
                 circ, circ, length, cols, 1, 1, 1, 1, *x_strides, *y_strides,
                 SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=False,
@@ -357,6 +382,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
     circ1, circm = plans.unit_circle(n1, dev), plans.unit_circle(m, dev)
     f2 = plans.dft_matrix(n2, plan.P2, dev)
     width = n2 * cols
+    _check_extents(split_columns=width)
     chunk = _split_batch(batch, 8 * n1 * width)
     ar = new_output((chunk, n1, width), torch.float32, xr.device)
     ai = new_output((chunk, n1, width), torch.float32, xr.device)
@@ -364,12 +390,12 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
     for b0 in range(0, batch, chunk):
         nb = min(batch, b0 + chunk) - b0
         xo, yo = b0 * x_strides[0], b0 * y_strides[0]
-        dft_gemm_kernel[(_cdiv(width, bc), _cdiv(n1, bk), nb)](
+        dft_gemm_kernel[_grid(_cdiv(width, bc), _cdiv(n1, bk), nb)](
             xr[xo:], xi[xo:], ar, ai, circ1, circm, n1, width, 1, n2, cols, m,
             x_strides[0], width, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=True, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
-        split_rows_kernel[(_cdiv(cols, rd), n1, nb)](
+        split_rows_kernel[_grid(_cdiv(cols, rd), n1, nb)](
             ar, ai, ar, ai, f2, circm, yr[yo:], yi[yo:], n1, n2, cols, m, ar.stride(0), 0, y_strides[0], cols,
             P2=plan.P2, FILTER=False, COMPLEX_OUT=complex_out, NEED_IMAG=complex_out, BLOCK_D=rd, PRECISION=prec, num_warps=nw)
 

@@ -41,6 +41,9 @@ MAX_TILE = 4096
 MAX_SPLIT_FACTOR = 128
 #: largest transform of the split path; beyond, the Triton backend is not offered (torch serves)
 MAX_SPLIT_M = 1 << 18
+#: largest column factor N1 of the split path: the row pass launches one program per k1 on grid dim 1
+#: (CUDA: at most 65535)
+MAX_SPLIT_N1 = 65535
 
 
 def next_pow2(n: int) -> int:
@@ -129,7 +132,7 @@ def _split_candidates(m: int, mode: int):
     if m > MAX_SPLIT_M:
         return
     for n1, n2 in _factor_pairs(m):
-        if n1 >= 2 and n2 >= 2 and pad16(n2) <= MAX_SPLIT_FACTOR:
+        if 2 <= n1 <= MAX_SPLIT_N1 and n2 >= 2 and pad16(n2) <= MAX_SPLIT_FACTOR:
             yield Plan(m, n1, n2, pad16(n1), pad16(n2), mode, split=True)
 
 

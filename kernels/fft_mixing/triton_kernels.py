@@ -14,6 +14,12 @@ factorization, the padded tiles and the convolution modes). Launchers are in ops
 - `split_rows_kernel`: the split path's row pass: row DFT, multiply by the kernel spectrum, inverse
   row DFT and conjugate twiddles (or, for fnet, the forward row DFT only).
 
+Every pointer offset goes through `_offsets`, which widens to int64 before multiplying: program
+ids, aranges and int arguments below 2**31 are int32 on a GPU, and int32 products wrap silently
+(B * S * D is 805M at B = 64, S = 16384, D = 768, and the fp32 complex scratch doubles it). Index
+arithmetic left in int32 stays below a transform length (<= 2**18 on the split path) or one tensor
+dim (`ops._check_extents` guards those).
+
 Complex tiles are pairs of float32 tiles (real, imaginary). Dots: PRECISION 0 = fp32 "ieee"
 (interpreter), 1 = "tf32x3" (fp32 inputs on a GPU, ~fp32 accuracy), 2 = "tf32" (bf16/fp16 inputs:
 ~1e-3 per stage, below their own rounding; bf16 operands would cost ~4e-3 per stage and six
@@ -35,6 +41,12 @@ def _mm(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b, input_precision="ieee")
+
+
+@jit
+def _offsets(i, stride_i, j, stride_j):
+    """i * stride_i + j * stride_j in int64 (i, j broadcastable index tiles, maybe int32)."""
+    return i.to(tl.int64) * stride_i + j.to(tl.int64) * stride_j
 
 
 @jit
@@ -93,8 +105,8 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
         lmask = valid & (n < S)
         dst = n
         smask = lmask
-    x_off = src.to(tl.int64) * stride_xs + d[None, :]
-    y_off = dst.to(tl.int64) * stride_ys + d[None, :]
+    x_off = _offsets(src, stride_xs, d[None, :], 1)
+    y_off = _offsets(dst, stride_ys, d[None, :], 1)
     if P2 > 1:
         # the four-step output is produced transposed, [P2 * BLOCK_D, P1] (row n2 * BLOCK_D + dd,
         # column n1): the permuted tile then feeds the last dot as its A operand (as a B operand,
@@ -105,14 +117,14 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
         t_n = rows[None, :] * N2 + t_n2[:, None]
         t_valid = (rows < N1)[None, :] & ((t_n2 < N2) & (t_d < D))[:, None]
         if MODE == 2:
-            y_off = (t_n - S).to(tl.int64) * stride_ys + t_d[:, None]
+            y_off = _offsets(t_n - S, stride_ys, t_d[:, None], 1)
             smask = t_valid & (t_n >= S) & (t_n < 2 * S)
         else:
-            y_off = t_n.to(tl.int64) * stride_ys + t_d[:, None]
+            y_off = _offsets(t_n, stride_ys, t_d[:, None], 1)
             smask = t_valid & (t_n < S)
 
     if P2 == 1:
-        koff = rows[:, None] * D + d[None, :]
+        koff = _offsets(rows[:, None], D, d[None, :], 1)
         kmask = (d < D)[None, :]
     else:
         toff = rows[:, None] * P2 + n2[None, :]
@@ -121,7 +133,7 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
         k1 = q // BLOCK_D
         dq = d0 + q % BLOCK_D
         k2 = tl.arange(0, P2)
-        koff = (k1 * D + dq)[:, None] * P2 + k2[None, :]
+        koff = _offsets((k1.to(tl.int64) * D + dq)[:, None], P2, k2[None, :], 1)
         kmask = (dq < D)[:, None]
         roff = k1[:, None] * P2 + k2[None, :]
 
@@ -191,7 +203,7 @@ def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
     c = c0 + cols % BLOCK_C
     valid = (rows < N1)[:, None] & ((n2 < N2) & (c < C))[None, :]
     n = rows[:, None] * N2 + n2[None, :]
-    off = pid_b * stride_xb + n.to(tl.int64) * stride_xn + c.to(tl.int64)[None, :] * stride_xc
+    off = pid_b * stride_xb + _offsets(n, stride_xn, c[None, :], stride_xc)
     xr = tl.load(xr_ptr + off, mask=valid, other=0.0).to(tl.float32)
     f1r = _load_mat(f1_ptr, P1, P1)
     f1i = _load_mat(f1_ptr + P1 * P1, P1, P1)
@@ -222,7 +234,7 @@ def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
             zi = zr
     # back in the natural layout: row k1, column k2 * BLOCK_C + c; bin k = k1 + N1 * k2
     k = rows[:, None] + N1 * n2[None, :]
-    out_off = pid_b * stride_yb + k.to(tl.int64) * stride_yn + c.to(tl.int64)[None, :] * stride_yc
+    out_off = pid_b * stride_yb + _offsets(k, stride_yn, c[None, :], stride_yc)
     tl.store(yr_ptr + out_off, zr.to(yr_ptr.dtype.element_ty), mask=valid)
     if COMPLEX_OUT:
         tl.store(yi_ptr + out_off, zi.to(yi_ptr.dtype.element_ty), mask=valid)
@@ -245,7 +257,7 @@ def _conv_address(r, j, S, N2, D, MODE: tl.constexpr, STORE: tl.constexpr):
     else:
         pos = n
         ok = n < S
-    return pos.to(tl.int64) * D + d[None, :], ok
+    return _offsets(pos, D, d[None, :], 1), ok
 
 
 @jit
@@ -288,7 +300,7 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
             xmask = ok & nmask[:, None] & cmask[None, :]
             off = off * stride_xc
         else:
-            off = nn.to(tl.int64)[:, None] * stride_xn + cc.to(tl.int64)[None, :] * stride_xc
+            off = _offsets(nn[:, None], stride_xn, cc[None, :], stride_xc)
             xmask = nmask[:, None] & cmask[None, :]
         xr = tl.load(xr_ptr + x_base + off, mask=xmask, other=0.0).to(tl.float32)
         if COMPLEX_IN:
@@ -316,7 +328,7 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
         ymask = ok & kmask[:, None] & cmask[None, :]
         off = off * stride_yc
     else:
-        off = kk64[:, None] * stride_yn + cc.to(tl.int64)[None, :] * stride_yc
+        off = _offsets(kk[:, None], stride_yn, cc[None, :], stride_yc)
         ymask = kmask[:, None] & cmask[None, :]
     tl.store(yr_ptr + y_base + off, acc_r.to(yr_ptr.dtype.element_ty), mask=ymask)
     if COMPLEX_OUT:
@@ -340,7 +352,8 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
     r = tl.arange(0, P2)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (r < N2)[:, None] & (dd < D)[None, :]
-    row_off = k1.to(tl.int64) * N2 * D + r[:, None] * D + dd[None, :]
+    # row k1 * N2 + r < M + P2 (M <= plans.MAX_SPLIT_M): int32 is safe before the widening
+    row_off = _offsets(k1 * N2 + r[:, None], D, dd[None, :], 1)
     a_off = pid_b * stride_ab + row_off
     ar = tl.load(ar_ptr + a_off, mask=mask, other=0.0)
     ai = tl.load(ai_ptr + a_off, mask=mask, other=0.0)
@@ -365,7 +378,7 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
         tl.store(ai_ptr + a_off, br * ti + bi * tr, mask=mask)
     else:
         k = k1 + N1 * r
-        y_off = pid_b * stride_yb + k.to(tl.int64)[:, None] * stride_yn + dd[None, :]
+        y_off = pid_b * stride_yb + _offsets(k[:, None], stride_yn, dd[None, :], 1)
         tl.store(yr_ptr + y_off, zr.to(yr_ptr.dtype.element_ty), mask=mask)
         if COMPLEX_OUT:
             tl.store(yi_ptr + y_off, zi.to(yi_ptr.dtype.element_ty), mask=mask)
