@@ -209,22 +209,55 @@ def _op(name: str) -> Callable:
     return getattr(kernels, name)
 
 
-def ours(name: str, call: Callable[[Callable, dict, str], Any], graph_safe: bool | Callable[[dict], bool] = True) -> list[Provider]:
+def ours(name: str, call: Callable[[Callable, dict, str], Any], graph_safe: bool | Callable[[dict], bool] = True,
+         graph_row: bool = False) -> list[Provider]:
     """Our op through backend="auto" (Triton on a GPU, the torch fallback on a CPU), and on a GPU
-    also our torch fallback as a baseline."""
+    also our torch fallback as a baseline. `graph_row`: on a GPU also our op captured in a CUDA
+    graph ("tritonlab-cudagraph", for ops whose eager time is mostly host work: several launches
+    per call); it is timed like every row (do_bench, L2 flushed before each replay), so the
+    difference to the eager row is the host's launch overhead, which a graph-capturing serving
+    stack does not pay."""
     def setup(backend):
         def _setup(inp, device):
             op = _op(name)
             return Prepared(lambda: call(op, inp, backend))
         return _setup
 
-    return [Provider("tritonlab", "ours", setup("auto"), graph_safe=graph_safe),
-            Provider("tritonlab-torch", "baseline", setup("torch"))]
+    provs = [Provider("tritonlab", "ours", setup("auto"), graph_safe=graph_safe),
+             Provider("tritonlab-torch", "baseline", setup("torch"))]
+    if graph_row:
+        provs.append(Provider("tritonlab-cudagraph", "ours", captured(setup("auto"))))
+    return provs
+
+
+def captured(setup: Callable[[dict, torch.device], Prepared]) -> Callable[[dict, torch.device], Prepared]:
+    """A setup whose call is the given one captured once in a CUDA graph and replayed (the replay
+    refills the captured output tensor, which the call returns)."""
+    def _setup(inp, device):
+        if device.type != "cuda":
+            raise Unavailable("CUDA graphs need a GPU")
+        fn = setup(inp, device).fn
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: compiles, config lookups, allocations
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+
+        def replay():
+            graph.replay()
+            return out
+        return Prepared(replay)
+    return _setup
 
 
 def _ours_for(device: torch.device, provs: list[Provider]) -> list[Provider]:
-    """On a CPU "auto" is the torch fallback: the fallback baseline would time the same code twice."""
-    return provs if device.type == "cuda" else [p for p in provs if p.name != "tritonlab-torch"]
+    """On a CPU "auto" is the torch fallback: the fallback baseline would time the same code twice,
+    and there are no CUDA graphs."""
+    return provs if device.type == "cuda" else [p for p in provs if p.name not in ("tritonlab-torch", "tritonlab-cudagraph")]
 
 
 # ----------------------------------------------------------------------------- tree routing
@@ -327,7 +360,8 @@ def dense_ffn_provider(width_of: Callable[[dict], int], activation: str, name: s
 def _tree_providers(kind: str):
     def providers(device: torch.device, compile_baselines: bool, dtype: str) -> list[Provider]:
         if kind == "route":
-            provs = ours("tree_route", lambda op, i, b: op(i["x"], i["node_weight"], i["node_bias"], backend=b))
+            provs = ours("tree_route", lambda op, i, b: op(i["x"], i["node_weight"], i["node_bias"], backend=b),
+                         graph_row=True)
             provs.append(Provider("torch-dense-logits", "baseline", lambda i, d: Prepared(
                 lambda: B.tree_route_dense_logits(i["x"], i["node_weight"], i["node_bias"]))))
             naive = B.tree_route_naive
@@ -335,7 +369,7 @@ def _tree_providers(kind: str):
         elif kind == "fff":
             provs = ours("fff_forward", lambda op, i, b: op(*(i[k] for k in (
                 "x", "node_weight", "node_bias", "w1", "b1", "w2", "b2")), "relu", backend=b),
-                graph_safe=lambda s: s["T"] <= 64)  # the fused decode kernel; larger T groups on the host
+                graph_row=True)
             provs.append(dense_ffn_provider(lambda i: i["w1"].shape[0] * i["w1"].shape[2], "relu"))
             naive = B.fff_forward_naive
             args = ("x", "node_weight", "node_bias", "w1", "b1", "w2", "b2", "relu")
@@ -480,13 +514,14 @@ def _grouped_providers(mlp: bool):
     def providers(device, compile_baselines, dtype):
         if mlp:
             provs = ours("leaf_mlp", lambda op, i, b: op(i["x"], i["indices"], i["w1"], i["b1"], i["w2"], i["b2"],
-                                                         i["activation"], route_weights=i["route_weights"], backend=b))
+                                                         i["activation"], route_weights=i["route_weights"], backend=b),
+                         graph_row=True)
             loop = lambda i, d: Prepared(lambda: B.leaf_mlp_expert_loop(
                 i["x"], i["indices"], i["w1"], i["b1"], i["w2"], i["b2"], i["activation"], i["route_weights"]))
         else:
             provs = ours("gather_matmul_scatter", lambda op, i, b: op(
                 i["x"], i["w1"], i["indices"], bias=i["b1"], route_weights=i["route_weights"],
-                activation=i["activation"], backend=b))
+                activation=i["activation"], backend=b), graph_row=True)
             loop = lambda i, d: Prepared(lambda: B.gms_expert_loop(
                 i["x"], i["w1"], i["indices"], i["b1"], i["route_weights"], i["activation"]))
         # torch._grouped_mm is the GPU's grouped GEMM (its CPU version is a slow reference path whose

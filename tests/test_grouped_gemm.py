@@ -492,3 +492,25 @@ def test_gpu_backward_matches_torch_backend(dtype):
             grads.append([y.detach()] + [a.grad for a in leaves])
         for a, b in zip(*grads):
             assert_close(a, b.float(), 4 * tolerance(dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_public_ops_capture_in_a_cuda_graph():
+    """The public ops skip the index range check (a host sync) while a CUDA graph is captured; the
+    replay gives the eager result bit for bit, at k = 1 (fused leaves) and k = 2 (two GEMMs)."""
+    for t, k, g, h, act in [(3000, 1, 256, 16, "relu"), (2000, 2, 8, 160, "swiglu")]:
+        x, idx, w1, b1, w2, b2, r = leaf_inputs(t, k, g, 256, h, 192, act, torch.bfloat16, "cuda", "skew")
+        w = w1[..., :h].contiguous()
+        for call in (lambda: tritonlab.leaf_mlp(x, idx, w1, b1, w2, b2, act, r),
+                     lambda: tritonlab.gather_matmul_scatter(x, w, idx, None, r, "gelu")):
+            eager = call()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                call()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = call()
+            graph.replay()
+            assert torch.equal(out, eager)

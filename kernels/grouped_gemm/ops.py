@@ -7,9 +7,10 @@ opaque nodes. The Python wrappers validate inputs (naming the argument in every 
 leading dims and normalize indices to int64 [T, k]; the custom ops pick the backend and run.
 
 Index range check: indices outside [0, G) raise ValueError. On CUDA this reads one min/max pair
-on the host (a sync); it is skipped while torch.compile traces (torch.compiler.is_compiling()).
-The Triton path stays memory-safe without it: the device grouping puts out-of-range ids in no
-tile, so no kernel ever reads through them (their output rows are then undefined).
+on the host (a sync); it is skipped while torch.compile traces (torch.compiler.is_compiling())
+and while a CUDA graph is being captured (a sync would break the capture). The Triton path stays
+memory-safe without it: the device grouping puts out-of-range ids in no tile, so no kernel ever
+reads through them (their output rows are then undefined).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _prepare_indices(indices: object, lead: tuple[int, ...], t: int, num_groups:
     if k < 1:
         raise ValueError(f"indices must give at least one group per token (k >= 1), got shape {shape}")
     idx = indices.reshape(t, k).to(torch.int64).contiguous()
-    if idx.numel() and not torch.compiler.is_compiling():
+    if idx.numel() and not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
         lo, hi = torch.stack(list(torch.aminmax(idx))).tolist()  # one host sync on CUDA (documented)
         if lo < 0 or hi >= num_groups:
             bad = lo if lo < 0 else hi
@@ -91,7 +92,10 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _gemm_default(shape) -> dict:
     m, g, d, n, gated = shape["T"] * shape["k"], shape["G"], shape["D"], shape["N"], shape.get("gated", 0)
-    per_group = m / max(g, 1)
+    # a tile a little taller than the mean group: with random routing about half the groups exceed
+    # the mean, and a group spilling into a second tile reads its weights twice (decode sizes are
+    # bound by exactly those weight reads)
+    per_group = 1.25 * m / max(g, 1)
     bm = 16 if per_group <= 16 else 32 if per_group <= 32 else 64 if per_group <= 96 else 128
     bm = min(bm, max(16, next_pow2(m)))
     bn = min(64 if gated else 128, max(16, next_pow2(n)))

@@ -82,8 +82,8 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
         for lvl in tl.static_range(DENSE_LEVELS):
             logit = tl.sum(tl.where(cols[None, :] == node[:, None], acc, 0.0), axis=1)
             if STORE_PATH:
-                tl.store(path_node_ptr + rows * LEVELS + lvl, node, mask=rmask)
-                tl.store(path_logit_ptr + rows * LEVELS + lvl, logit, mask=rmask)
+                tl.store(path_node_ptr + rows.to(tl.int64) * LEVELS + lvl, node, mask=rmask)
+                tl.store(path_logit_ptr + rows.to(tl.int64) * LEVELS + lvl, logit, mask=rmask)
             node = 2 * node + 1 + (logit >= 0).to(tl.int32)
     for lvl in range(DENSE_LEVELS, LEVELS):
         if RESIDENT:
@@ -96,8 +96,8 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
             logit = _gather_logits(x_ptr, stride_x, rows, rmask, w_ptr, stride_w, b_ptr, node, D,
                                    HAS_BIAS, BLOCK_T, BLOCK_D)
         if STORE_PATH:
-            tl.store(path_node_ptr + rows * LEVELS + lvl, node, mask=rmask)
-            tl.store(path_logit_ptr + rows * LEVELS + lvl, logit, mask=rmask)
+            tl.store(path_node_ptr + rows.to(tl.int64) * LEVELS + lvl, node, mask=rmask)
+            tl.store(path_logit_ptr + rows.to(tl.int64) * LEVELS + lvl, logit, mask=rmask)
         node = 2 * node + 1 + (logit >= 0).to(tl.int32)
     if STORE_LEAF:
         tl.store(leaf_ptr + rows, node - (2**LEVELS - 1), mask=rmask)
@@ -166,8 +166,8 @@ def path_accumulate_kernel(node_ptr, logit_ptr, w_out_ptr, y_ptr, T, O, stride_w
     m = rmask[:, None] & cmask[None, :]
     y = tl.zeros([BLOCK_T, BLOCK_O], dtype=tl.float32)
     for lvl in range(LEVELS):
-        node = tl.load(node_ptr + rows * LEVELS + lvl, mask=rmask, other=0)
-        a = apply_activation(tl.load(logit_ptr + rows * LEVELS + lvl, mask=rmask, other=0.0), ACT)
+        node = tl.load(node_ptr + rows.to(tl.int64) * LEVELS + lvl, mask=rmask, other=0)
+        a = apply_activation(tl.load(logit_ptr + rows.to(tl.int64) * LEVELS + lvl, mask=rmask, other=0.0), ACT)
         w = tl.load(w_out_ptr + node.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=m, other=0.0)
         y += a[:, None] * w.to(tl.float32)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
