@@ -347,7 +347,7 @@ def run_task(task: Task, opts: BenchOptions) -> list[dict]:
                 by_name[name].update(status="failed", note=f"timing: {_first_line(e)}")
     rows = checked.rows
     del checked
-    _release(opts.device)
+    release_memory(opts.device)
     return rows
 
 
@@ -367,7 +367,7 @@ def _check(p: Provider, inputs: dict, rows: np.ndarray, case: Case, case_referen
     except Unavailable as e:
         return "skipped", str(e)
     except Exception as e:
-        _release(device)
+        release_memory(device)
         return "failed", f"run: {_first_line(e)}"
     try:
         if prep.reference is not None:  # a baseline computing another function (the dense FFN)
@@ -399,7 +399,7 @@ def _time_ready(ready: dict[str, Prepared], providers: list[Provider], shape: di
                                                     graph=opts.cuda_graphs and graphable.get(name, False))
             except Exception as e:
                 by_name[name].update(status="failed", note=f"timing: {_first_line(e)}")
-                _release(opts.device)
+                release_memory(opts.device)
                 continue
             by_name[name].update(median_ms=med, p20_ms=p20, p80_ms=p80, reps=n or None, timer=timer)
         return
@@ -410,7 +410,7 @@ def _time_ready(ready: dict[str, Prepared], providers: list[Provider], shape: di
         by_name[name].update(median_ms=med, p20_ms=p20, p80_ms=p80, reps=len(s), timer="CPU interleaved")
 
 
-def _release(device: torch.device) -> None:
+def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

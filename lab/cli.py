@@ -1,4 +1,4 @@
-"""The `tritonlab` command: env, autotune, report.
+"""The `tritonlab` command: env, autotune, report, profile.
 
 Each subcommand's options and work live with the code they drive (lab/report.py,
 tritonlab.autotune.cli); this file only wires them up.
@@ -23,6 +23,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 _DELEGATED = {
     "autotune": ("tritonlab.autotune.cli", "tune the kernels for this GPU and write its tuning database"),
     "report": ("tritonlab.report", "benchmark every kernel family here and regenerate reports/<device>/"),
+    "profile": ("tritonlab.profiling", "where our ops' time goes: host issue time, device time, launches, heaviest kernels"),
 }
 
 

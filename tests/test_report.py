@@ -320,3 +320,27 @@ def test_partial_run_keeps_the_other_kernels_rows(synthetic_report, tmp_path):
     assert kept and {r["kernel"] for r in kept} == {"toy_exp"} and "toy_exp" in note
     assert len(kept) == int((df["kernel"] == "toy_exp").sum())
     assert report._kept_rows(out, [toy_case(torch.tanh)], "cpu") == ([], "")  # another preset: nothing kept
+
+
+def test_profile_command_writes_a_table(tmp_path, capsys):
+    """`tritonlab profile` checks our op, then tabulates issue/wall time and the heaviest torch ops."""
+    out = tmp_path / "profile.md"
+    assert cli_main(["profile", "--kernel", "tree_route", "--preset", "quick", "--calls", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("| tree_route |")]
+    assert len(lines) == len(cases.select(["tree_route"])[0].presets["quick"].shapes)
+    for ln in lines:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0  # issue and wall times
+        assert "aten::" in cells[5]  # the heaviest torch ops of the fallback
+
+
+def test_profile_of_a_failing_op_is_reported_not_hidden(tmp_path, monkeypatch):
+    from tritonlab import profiling
+
+    def wrong_check(task, opts, only=None):
+        return bench.Checked([{"provider": "tritonlab", "status": "wrong", "note": "rel err 3"}])
+    monkeypatch.setattr(profiling.bench, "check_task", wrong_check)
+    out = tmp_path / "p.md"
+    assert cli_main(["profile", "--kernel", "tree_route", "--preset", "quick", "--out", str(out)]) == 1
+    assert "wrong: rel err 3" in out.read_text()

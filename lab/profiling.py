@@ -1,0 +1,156 @@
+"""`tritonlab profile`: where the time of our ops goes, launch by launch.
+
+    tritonlab profile [--kernel K ...] [--preset P] [--calls N] [--out FILE.md]
+
+For every shape of the preset, our op (the report's "tritonlab" provider, checked against the
+float64 reference first, exactly as the report does) is timed three ways over `--calls` calls:
+- issue: host seconds to issue one call, without waiting for the device (the Python, torch and
+  launch overhead: what a CUDA graph removes);
+- wall: the same calls followed by one synchronize (per call);
+- device: the summed durations of the device kernels and memsets of one call, from torch.profiler
+  (CUDA only), with the number of launches and the heaviest kernels.
+A call whose issue time exceeds its device time is host-bound: the GPU waits on Python.
+On a CPU there is no device trace; the table then lists the heaviest torch ops by self time.
+
+The table goes to stdout and, as markdown, to `--out` (default reports/<device slug>/profile.md;
+`tritonlab report` leaves the file alone).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import bench, cases
+from .report import default_out_dir
+
+#: the heaviest kernels (or CPU ops) listed per row
+TOP = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", "-k", action="extend", nargs="+", default=None, metavar="K",
+                        help="only these families or ops (e.g. tree_routing, fff_forward); repeatable")
+    parser.add_argument("--preset", choices=cases.PRESETS, default=None,
+                        help="shape preset (default: 'models' on a GPU, 'quick' on a CPU)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to profile")
+    parser.add_argument("--calls", type=int, default=20, metavar="N", help="calls per measurement (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="markdown file (default reports/<slug>/profile.md)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_events(prof) -> list:
+    """The profiler's device-side events (kernels, memsets, copies): they carry a CUDA device type."""
+    return [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+
+
+def profile_call(fn: Callable[[], Any], device: torch.device, calls: int) -> dict:
+    """Issue, wall and (CUDA) device time per call of `fn`, in microseconds, and the heaviest parts."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter()
+    _sync(device)
+    done = time.perf_counter()
+    out = {"issue_us": (issued - start) / calls * 1e6, "wall_us": (done - start) / calls * 1e6}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    if device.type == "cuda":
+        per_name: dict[str, list[float]] = {}
+        for e in _device_events(prof):
+            per_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        out["device_us"] = sum(sum(v) for v in per_name.values()) / calls
+        out["launches"] = sum(len(v) for v in per_name.values()) / calls
+        heavy = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:TOP]
+        out["top"] = [(name, sum(v) / calls, len(v) / calls) for name, v in heavy]
+    else:
+        ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        heavy = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:TOP]
+        out["top"] = [(e.key, e.self_cpu_time_total / calls, e.count / calls) for e in heavy]
+    return out
+
+
+def _short(name: str, width: int = 48) -> str:
+    name = name.replace("|", "/")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def _fmt_us(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if v < 1000 else f"{v / 1000:.2f} ms"
+
+
+def to_markdown(rows: list[dict], device: torch.device, preset: str, calls: int) -> str:
+    device_side = device.type == "cuda"
+    head = ["kernel", "shape", "dtype", "issue us", "wall us"]
+    head += ["device us", "launches", "bound"] if device_side else []
+    head += ["heaviest " + ("kernels (us, launches per call)" if device_side else "torch ops (self us, calls per call)")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            cells = [r["kernel"], r["shape"], r["dtype"], r["error"], ""] + (["", "", ""] if device_side else []) + [""]
+        else:
+            top = "; ".join(f"{_short(n)} {_fmt_us(us)} x{cnt:g}" for n, us, cnt in r["top"])
+            cells = [r["kernel"], r["shape"], r["dtype"], _fmt_us(r["issue_us"]), _fmt_us(r["wall_us"])]
+            if device_side:
+                bound = "host" if r["issue_us"] > r["device_us"] else "device"
+                cells += [_fmt_us(r["device_us"]), f"{r['launches']:g}", bound]
+            cells.append(top)
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    title = f"# Profile of tritonlab's ops ({device.type}, preset {preset}, {calls} calls per measurement)\n\n"
+    intro = ("Generated by `tritonlab profile`. issue: host time to issue one call without waiting; "
+             "wall: per call with one final synchronize; device: summed kernel and memset durations of one call "
+             "(torch.profiler); bound: host when issuing takes longer than the device work.\n\n")
+    return title + intro + "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    want = args.device
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    preset = args.preset or ("models" if device.type == "cuda" else "quick")
+    try:
+        selected = cases.select(args.kernel)
+    except ValueError as e:
+        print(f"tritonlab profile: {e}", file=sys.stderr)
+        return 2
+    tasks, _, notes = bench.plan(selected, preset, device)
+    opts = bench.preset_options(preset, device, compile_baselines=False)
+    opts.seed = args.seed
+    rows = []
+    for task in tasks:
+        label = {"kernel": task.case.kernel, "shape": cases.shape_label(task.shape), "dtype": task.dtype}
+        checked = bench.check_task(task, opts, only=["tritonlab"])
+        prepared = checked.ready.get("tritonlab")
+        if prepared is None:
+            row = checked.rows[0] if checked.rows else {}
+            rows.append({**label, "error": f"{row.get('status', 'failed')}: {row.get('note', '')}"[:120]})
+        else:
+            rows.append({**label, **profile_call(prepared.fn, device, max(1, args.calls))})
+        print(to_markdown(rows[-1:], device, preset, args.calls).splitlines()[-1], flush=True)
+        del checked, prepared
+        bench.release_memory(device)
+    text = to_markdown(rows, device, preset, args.calls)
+    out = Path(args.out) if args.out else default_out_dir(device) / "profile.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    for note in notes:
+        print(note, file=sys.stderr)
+    print(f"wrote {out}")
+    return 0 if all("error" not in r for r in rows) else 1
