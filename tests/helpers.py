@@ -18,3 +18,17 @@ def rand(*shape: int, dtype: torch.dtype = torch.float32, device="cpu", scale: f
 def np64(t: torch.Tensor | None) -> np.ndarray | None:
     """The exact values of a (possibly low-precision) tensor as float64 NumPy, for references."""
     return None if t is None else to_numpy(t)
+
+
+def graph_replay(fn):
+    """fn captured once in a CUDA graph (after a warm-up on a side stream); returns a function that
+    replays the graph and returns the captured output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return lambda: (graph.replay(), out)[1]

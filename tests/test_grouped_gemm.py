@@ -13,7 +13,7 @@ from tritonlab.kernels.grouped_gemm import reference as ref
 from tritonlab.kernels.grouped_gemm.fallback import SlotLayout
 from tritonlab.kernels.grouped_gemm.grouping import CountedGrouping, DeviceGrouping
 
-from helpers import DTYPES, assert_close, np64, rand, tolerance
+from helpers import DTYPES, assert_close, graph_replay, np64, rand, tolerance
 
 
 def routing(t, k, g, kind, device):
@@ -504,13 +504,4 @@ def test_gpu_public_ops_capture_in_a_cuda_graph():
         for call in (lambda: tritonlab.leaf_mlp(x, idx, w1, b1, w2, b2, act, r),
                      lambda: tritonlab.gather_matmul_scatter(x, w, idx, None, r, "gelu")):
             eager = call()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                call()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = call()
-            graph.replay()
-            assert torch.equal(out, eager)
+            assert torch.equal(graph_replay(call)(), eager)

@@ -9,7 +9,7 @@ import tritonlab
 from tritonlab.kernels.tree_routing import reference as ref
 from tritonlab.kernels._tuning import registered
 
-from helpers import DTYPES, assert_close, np64, rand, tolerance
+from helpers import DTYPES, assert_close, graph_replay, np64, rand, tolerance
 
 # A token whose logit at some node is within rounding of 0 may take either child in finite
 # precision; inputs are drawn so that every token clears this margin (relative to |x| |w|).
@@ -233,19 +233,6 @@ def test_ops_hold_in_a_compiled_graph(device):
 
 # ----------------------------------------------------------------------------- GPU only
 
-def _graph_replay(fn):
-    """fn captured once in a CUDA graph (after a warm-up on a side stream); returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return lambda: (graph.replay(), out)[1]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [65, 16384])
 def test_gpu_fff_forward_large_batch_in_a_cuda_graph(t):
@@ -262,5 +249,5 @@ def test_gpu_fff_forward_large_batch_in_a_cuda_graph(t):
     rows = torch.arange(0, t, max(1, t // 200), device="cuda")
     expected = ref.fff_forward_ref(*(np64(a) for a in (x[rows], nw, nb, w1, b1, w2, b2)), "relu")
     assert_close(y[rows], expected, tolerance(torch.bfloat16))
-    replay = _graph_replay(call)
+    replay = graph_replay(call)
     assert torch.equal(replay(), y) and torch.equal(replay(), y)
