@@ -90,14 +90,23 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 
 # ----------------------------------------------------------------------------- configs
 
-def _gemm_default(shape) -> dict:
-    m, g, d, n, gated = shape["T"] * shape["k"], shape["G"], shape["D"], shape["N"], shape.get("gated", 0)
-    # a tile a little taller than the mean group: with random routing about half the groups exceed
-    # the mean, and a group spilling into a second tile reads its weights twice (decode sizes are
-    # bound by exactly those weight reads)
+def _tile_height(m: int, g: int, tallest: int) -> int:
+    """Default BLOCK_M for m slots over g groups: a little taller than the mean group. With random
+    routing about half the groups exceed the mean, and a group spilling into a second tile reads its
+    weights twice (decode sizes are bound by exactly those weight reads)."""
     per_group = 1.25 * m / max(g, 1)
     bm = 16 if per_group <= 16 else 32 if per_group <= 32 else 64 if per_group <= 96 else 128
-    bm = min(bm, max(16, next_pow2(m)))
+    return min(bm, tallest, max(16, next_pow2(m)))
+
+
+def _is_decode_plan(t: int, k: int, g: int) -> bool:
+    """Decode sizes take the direct plan: no grouping at all (see grouping.py)."""
+    return t * k <= DIRECT_MAX_SLOTS and g <= DIRECT_MAX_GROUPS
+
+
+def _gemm_default(shape) -> dict:
+    m, g, d, n, gated = shape["T"] * shape["k"], shape["G"], shape["D"], shape["N"], shape.get("gated", 0)
+    bm = _tile_height(m, g, 128)
     bn = min(64 if gated else 128, max(16, next_pow2(n)))
     bk = min(64, max(16, next_pow2(d)))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
@@ -144,9 +153,7 @@ def fused_leaf_fits(h: int, gated: bool) -> bool:
 
 def _fused_leaf_default(shape) -> dict:
     m, g, d, o = shape["T"] * shape["k"], shape["G"], shape["D"], shape["N"]
-    per_group = m / max(g, 1)
-    bm = 16 if per_group <= 16 else 32 if per_group <= 48 else 64
-    return {"BLOCK_M": min(bm, max(16, next_pow2(m))), "BLOCK_K": min(64, max(16, next_pow2(d))),
+    return {"BLOCK_M": _tile_height(m, g, 64), "BLOCK_K": min(64, max(16, next_pow2(d))),
             "BLOCK_N": min(128, max(16, next_pow2(o))), "num_warps": 4, "num_stages": 3}
 
 
@@ -292,8 +299,7 @@ def _forward_plan(indices: Tensor, num_groups: int, block_m: Optional[int] = Non
     """The grouping for a forward pass: direct (sort-free) for decode sizes, a counting sort otherwise
     (`block_m`: the first GEMM's tile height, planned in the same launch as the offsets; `state`:
     CountedGrouping's counts, already filled by the producer of the ids)."""
-    t, k = indices.shape
-    if t * k <= DIRECT_MAX_SLOTS and num_groups <= DIRECT_MAX_GROUPS:
+    if _is_decode_plan(*indices.shape, num_groups):
         return DeviceGrouping(indices, num_groups, direct=True)
     return CountedGrouping(indices, num_groups, state=state, block_m=block_m)
 
@@ -335,7 +341,7 @@ def leaf_mlp_triton(x, indices, w1, b1, w2, b2, activation, route_weights=None, 
     swiglu = activation == "swiglu"
     rw = None if route_weights is None else route_weights.reshape(-1)
     h = w2.shape[1]
-    if fused_leaf_fits(h, swiglu) and not (indices.numel() <= DIRECT_MAX_SLOTS and w1.shape[0] <= DIRECT_MAX_GROUPS):
+    if fused_leaf_fits(h, swiglu) and not _is_decode_plan(*indices.shape, w1.shape[0]):
         cfg = _fused_leaf_config(*indices.shape, x, w1, w2, swiglu)
         grouping = CountedGrouping(indices, w1.shape[0], state=grouping_state, block_m=cfg["BLOCK_M"])
         y = _leaf_mlp_fused(grouping, x, w1, b1, w2, b2, activation, rw, config=cfg)
