@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most N configs measured per job (default: all, or a quarter for budgeted)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tune in N local processes, one per GPU")
+    p.add_argument("--compile-workers", type=int, default=None, metavar="N",
+                   help="compile each batch of configs in N processes before timing it (default: up to 8 on a "
+                        "GPU, bounded by cores and GPU memory; 0 under the interpreter)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="spread the jobs over a Ray cluster ('auto', 'ray://host:10001', or 'local')")
     p.add_argument("--retune", action="store_true", help="tune again what the database already holds")
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from . import provider
-    from .runner import Options, import_plugins, plan, summary_from_entry
+    from .runner import Options, import_plugins, plan, summary_from_entry, tuning_device
 
     # a wide table when the output is a file or a pipe (rich would wrap it at 80 columns)
     console = Console(width=None if sys.stdout.isatty() else 200)
@@ -217,8 +220,17 @@ def run(args: argparse.Namespace) -> int:
         return rc
     start = time.time()
     deadline = start + 60 * args.budget if args.budget is not None else None
+    if args.compile_workers is not None and args.compile_workers < 0:
+        err.print(f"tritonlab autotune: --compile-workers must be >= 0, got {args.compile_workers}")
+        return 2
+    compile_workers = args.compile_workers
+    if compile_workers is None:
+        from .compile_pool import default_workers
+
+        compile_workers = default_workers(tuning_device()) if args.ray is None and args.workers == 1 else 0
     options = Options(strategy=strategy, max_measurements=args.max_measurements, deadline=deadline,
-                      config_dir=args.config_dir, imports=tuple(args.imports), retune=args.retune, seed=args.seed)
+                      config_dir=args.config_dir, imports=tuple(args.imports), retune=args.retune, seed=args.seed,
+                      compile_workers=compile_workers)
 
     summaries: list[dict] = []
     todo = jobs

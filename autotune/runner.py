@@ -81,6 +81,7 @@ class Options:
     seed: int = 0
     timer: Optional[Callable] = None  # timer(fn, config) -> ms; must be picklable for workers
     write: bool = True  # write entries here (False: the caller writes them, as run_ray does)
+    compile_workers: int = 0  # compile each batch of configs in this many processes first (compile_pool.py)
 
 
 def import_plugins(modules: Iterable[str]) -> None:
@@ -152,9 +153,15 @@ def run_job(job: Job, options: Options, on_trial: Optional[Callable] = None) -> 
         deadline = options.deadline
         if options.job_time_s is not None:
             deadline = min(deadline if deadline is not None else math.inf, now + options.job_time_s)
+        prepare, batch = None, 1
+        if options.compile_workers > 0:
+            from .compile_pool import shared_pool
+
+            pool = shared_pool(options.compile_workers, options.imports)
+            prepare, batch = pool.preparer(job.kernel, job.shape_dict, job.dtype, device), options.compile_workers
         result = tune(kernel, job.shape_dict, parse_dtype(job.dtype), device, strategy=options.strategy,
                       timer=options.timer, max_measurements=options.max_measurements, deadline=deadline,
-                      seed=options.seed, on_trial=on_trial)
+                      seed=options.seed, on_trial=on_trial, prepare=prepare, batch=batch)
         if not result.ok:
             return _summary(job, "failed", reason=result.error or "", measured=result.measured,
                             space=result.space_size, slug=slug)

@@ -247,7 +247,8 @@ def tune(kernel: TunableKernel, shape: Mapping[str, int], dtype: torch.dtype = t
          device: Optional[torch.device | str] = None, *, strategy: str = "exhaustive",
          timer: Optional[Timer] = None, max_measurements: Optional[int] = None,
          deadline: Optional[float] = None, seed: int = 0,
-         on_trial: Optional[Callable[[Trial], None]] = None) -> TuneResult:
+         on_trial: Optional[Callable[[Trial], None]] = None,
+         prepare: Optional[Callable[[list[dict]], None]] = None, batch: int = 1) -> TuneResult:
     """Tune `kernel` for one problem (see the module docstring); never raises for a bad config.
 
     Args:
@@ -259,6 +260,9 @@ def tune(kernel: TunableKernel, shape: Mapping[str, int], dtype: torch.dtype = t
         deadline: a time.time() after which no new config is measured (the result is then
             marked incomplete).
         on_trial: called after each measured config (progress display).
+        prepare: called with each group of configs (at most `batch`) before they are measured, e.g.
+            compile_pool.CompilePool.preparer, which compiles them in parallel processes; the
+            measurements themselves stay one at a time in this process.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -276,13 +280,15 @@ def tune(kernel: TunableKernel, shape: Mapping[str, int], dtype: torch.dtype = t
     _tls.depth = getattr(_tls, "depth", 0) + 1
     start = time.perf_counter()
     try:
-        return _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadline, seed, on_trial, result)
+        return _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadline, seed, on_trial, result,
+                     prepare, batch)
     finally:
         _tls.depth -= 1
         result.search_s = time.perf_counter() - start
 
 
-def _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadline, seed, on_trial, result):
+def _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadline, seed, on_trial, result,
+          prepare=None, batch=1):
     try:
         space = [dict(c) for c in kernel.space(shape)]
         default = dict(kernel.default(shape))
@@ -355,10 +361,19 @@ def _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadl
             return True
         return False
 
+    def prepare_new(group: list[dict]) -> None:
+        fresh = [c for c in group if config_key(c) not in trials]
+        if prepare is not None and fresh:
+            try:
+                prepare(fresh)
+            except Exception:  # preparing only saves time: the measurements compile what it missed
+                pass
+
     d = measure(default)
     result.default_time_ms = d.time_ms
     run_strategy(strategy, configs, lambda c: measure(c).time_ms, max_measurements=max_measurements,
-                 start=[default], seed=seed, should_stop=stop)
+                 start=[default], seed=seed, should_stop=stop, prepare=prepare_new if prepare else None,
+                 batch=batch)
     result.complete = not out_of_time
 
     # The winner: the fastest correct config (the default competes too); re-checked before it is returned.

@@ -350,23 +350,42 @@ def _landscape(rng: random.Random, kind: str):
     return configs, cost
 
 
+@pytest.mark.parametrize("batch", [1, 8], ids=["one-per-fit", "batches-of-8"])
 @pytest.mark.parametrize("kind", ["gemm", "route"])
-def test_budgeted_reaches_95_percent_with_a_quarter_of_the_measurements(kind):
+def test_budgeted_reaches_95_percent_with_a_quarter_of_the_measurements(kind, batch):
+    """Also in batch mode (the cost model's 8 best predictions per fit, each batch prepared, i.e.
+    compiled in parallel, before it is measured)."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     for trial in range(4):
         rng = random.Random(seed + trial)
         configs, cost = _landscape(rng, kind)
-        measured = []
+        measured, prepared = [], set()
 
         def objective(c):
             measured.append(search.config_key(c))
+            assert batch == 1 or search.config_key(c) in prepared  # prepared before measured
             return cost(c)
 
+        def prepare(group):
+            assert 1 <= len(group) <= max(batch, 2 * len(configs[0]) + 2)  # the seed sample, then batches
+            prepared.update(map(search.config_key, group))
+
         best = min(t for t in search.exhaustive(configs, cost).values() if t is not None)
-        found = search.budgeted(configs, objective, seed=rng.randrange(1000))
+        found = search.budgeted(configs, objective, seed=rng.randrange(1000), batch=batch,
+                                prepare=prepare if batch > 1 else None)
         got = min(t for t in found.values() if t is not None)
         assert len(measured) <= len(configs) // 4 and len(set(measured)) == len(measured)
         assert best / got >= 0.95, f"seed {seed + trial}: {best / got:.3f} of the exhaustive winner's speed"
+
+
+def test_exhaustive_prepares_each_chunk_before_measuring_it():
+    configs = [{"A": a} for a in range(10)] + [{"A": 3}]  # a duplicate is measured once
+    events = []
+    out = search.exhaustive(configs, lambda c: events.append(("measure", c["A"])) or 1.0,
+                            prepare=lambda g: events.append(("prepare", [c["A"] for c in g])), batch=4)
+    assert len(out) == 10
+    assert events[:5] == [("prepare", [0, 1, 2, 3])] + [("measure", a) for a in range(4)]
+    assert events[5] == ("prepare", [4, 5, 6, 7]) and events[-3] == ("prepare", [8, 9])
 
 
 def test_strategies_respect_caps_and_stop():
@@ -447,6 +466,54 @@ def test_tuner_end_to_end_tree_route_known_winner():
     assert base.error(inp, torch.from_numpy(out)) == 0.0 and (out == ref).mean() > 0.95
     entry = res.entry()
     assert entry["config"] == c2 and entry["rejected"] == 4 and entry["measured"] == 5 and entry["complete"]
+
+
+@pytest.mark.skipif(GPU, reason="CPU pipeline test (the interpreter path)")
+def test_compile_pool_runs_each_batch_in_workers_before_the_tuner_measures_it():
+    """Real tree_route configs run once in two spawned worker processes (on a GPU that compiles them
+    into Triton's cache) before the tuner times them; the winner is the injected timer's."""
+    from tritonlab.autotune.compile_pool import CompilePool
+
+    kernel = _tuning.registered()["tree_route"]
+    shape = dict(kernel.presets["small"][0])
+    space = kernel.space(shape)[:6]
+    cost = {search.config_key(c): 1.0 + i for i, c in enumerate(space)}
+    cost[search.config_key(space[4])] = 0.25
+    pool = CompilePool(2)
+    batches = []
+    inner = pool.preparer("tree_route", shape, "float32", "cpu")
+
+    def prepare(group):
+        before = pool.ran + pool.failed
+        inner(group)
+        batches.append((len(group), pool.ran + pool.failed - before))
+
+    try:
+        res = tuner.tune(dataclasses.replace(kernel, space=lambda s: space), shape, torch.float32, torch.device("cpu"),
+                         strategy="exhaustive", timer=lambda fn, cfg: cost.get(search.config_key(cfg), 9.0),
+                         prepare=prepare, batch=2)
+    finally:
+        pool.close()
+    assert res.ok and res.best_config == space[4]
+    assert batches and all(n == done and n <= 2 for n, done in batches)  # every prepared config ran in a worker
+    assert pool.failed == 0 and pool.broken is None
+
+
+def test_compile_pool_failure_only_costs_time():
+    """A pool whose workers are gone prepares nothing and the tuning result is unchanged."""
+    from tritonlab.autotune.compile_pool import CompilePool
+
+    pool = CompilePool(1)
+    pool.close()
+    pool.run("tree_route", {"T": 3}, "float32", "cpu", [{"BLOCK_T": 16}])  # closed: a no-op
+    assert pool.ran == 0
+    kernel = _double_kernel(configs=[{"B": 16, "W": 2}, {"B": 32, "W": 2}])
+
+    def broken(group):
+        raise RuntimeError("worker died")
+    res = tuner.tune(kernel, {"T": 3, "D": 5}, torch.float32, torch.device("cpu"), strategy="exhaustive",
+                     timer=lambda fn, c: c["B"] + c["W"] / 8, prepare=broken, batch=2)
+    assert res.ok and res.best_config == {"B": 16, "W": 2}
 
 
 def test_tuner_with_nothing_correct_reports_why(cpu_pipeline):
