@@ -135,6 +135,31 @@ def test_long_sequences_torch_fallback(device, dtype, s):
     assert_close(tritonlab.fnet_mix(x, backend="torch"), ref.fnet_mix_ref(np64(x)), tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_cache_blocks_give_the_reference(monkeypatch, dtype):
+    """The CPU fallbacks' blockwise pipelines (channel blocks for the filter and the convolution,
+    batch rows for fnet) forced at a small size: odd block edges, a per-input filter, both conv modes."""
+    from tritonlab.kernels.fft_mixing import fallback
+
+    for name in ("CONV_BLOCKS_ABOVE", "SPECTRAL_BLOCKS_ABOVE", "FNET_BLOCKS_ABOVE"):
+        monkeypatch.setattr(fallback, name, 0)
+    monkeypatch.setattr(fallback, "BLOCK_BYTES", 3 * 40 * 16 * 8)  # 16-channel blocks at S = 77
+    monkeypatch.setattr(fallback, "FNET_BLOCK_BYTES", 2 * 77 * 37 * 16)  # two batch rows at a time
+    b, s, d = 5, 77, 37
+    x = rand(b, s, d, dtype=dtype)
+    assert len(fallback.cpu_blocks(x, 2, b * (s // 2 + 1) * 8, 0)) > 1
+    filt = cfilt(s // 2 + 1, d)
+    per_input = cfilt(b, s // 2 + 1, d)
+    k = rand(s, d, dtype=dtype, scale=s**-0.5)
+    tol = tolerance(torch.float32)
+    assert_close(fallback.spectral_filter_torch(x, filt), ref.spectral_filter_ref(np64(x), np64(filt)), tol)
+    assert_close(fallback.spectral_filter_torch(x, per_input), ref.spectral_filter_ref(np64(x), np64(per_input)), tol)
+    for causal in (True, False):
+        assert_close(fallback.fft_conv_torch(x, k, causal), ref.fft_conv_ref(np64(x), np64(k), causal), tol)
+    assert_close(fallback.fnet_mix_torch(x), ref.fnet_mix_ref(np64(x)), tol)
+    assert fallback.cpu_blocks(x.to("meta"), 2, 10**9, 0) == [slice(0, d)]  # only CPUs block
+
+
 # ----------------------------------------------------------------------------- every Triton path
 
 def _check_all_ops(s, d, device, b=2):
