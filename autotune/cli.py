@@ -223,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
     if args.compile_workers is not None and args.compile_workers < 0:
         err.print(f"tritonlab autotune: --compile-workers must be >= 0, got {args.compile_workers}")
         return 2
+    if args.compile_workers and (args.workers > 1 or args.ray is not None):
+        err.print("tritonlab autotune: --compile-workers needs the in-process tuner (not --workers > 1 or --ray, "
+                  "whose worker processes cannot start processes of their own)")
+        return 2
     compile_workers = args.compile_workers
     if compile_workers is None:
         from .compile_pool import default_workers

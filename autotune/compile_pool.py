@@ -11,7 +11,10 @@ A compiled kernel's cache key includes its argument specialization (dtypes, 16-b
 divisibility by 16 of integer arguments), so a worker builds inputs exactly as the tuner does, with
 the kernel's own `make_inputs` for the same shape and dtype (kept for the next config of the job).
 Preparing only saves time: a worker that fails, dies or times out changes no result; the tuner then
-compiles in its own process as it would without a pool.
+compiles in its own process as it would without a pool. One exception: a config that faults the
+GPU in a worker (an illegal address, a launch failure) is reported back, and the tuner records it
+as failed without running it, because the same fault in the tuner's process would poison its CUDA
+context for every later measurement. That worker then exits, and the pool is started afresh.
 """
 from __future__ import annotations
 
@@ -27,8 +30,19 @@ import torch
 BATCH_TIMEOUT_S = 900
 #: GPU memory to leave per worker (its CUDA context plus one job's inputs, e.g. 1.9 GB of Mixtral weights)
 GPU_BYTES_PER_WORKER = 4 * 2**30
+#: configs per prepared batch whatever the worker count, so that a seeded budgeted search takes the
+#: same path on every machine
+BATCH = 8
+#: error texts of a CUDA fault, after which a process's CUDA context is unusable
+CUDA_FAULTS = ("illegal memory access", "illegal address", "misaligned address", "unspecified launch failure",
+               "an illegal instruction", "device-side assert", "CUDA error")
 
 _inputs: dict[tuple, Any] = {}  # in a worker: the inputs of the job it last prepared
+_faulted = False  # in a worker: a config faulted the GPU; the next task ends the process
+
+
+def is_cuda_fault(reason: Optional[str]) -> bool:
+    return reason is not None and any(f in reason for f in CUDA_FAULTS)
 
 
 def _init_worker(imports: tuple[str, ...]) -> None:
@@ -39,9 +53,12 @@ def _init_worker(imports: tuple[str, ...]) -> None:
 
 def _run_configs(kernel_name: str, shape: dict, dtype: str, device: str, configs: list[dict]) -> list[Optional[str]]:
     """In a worker: run each config once (compiling it); None per config that ran, else why it did not."""
+    global _faulted
     from ..kernels._tuning import registered
     from .runner import parse_dtype
 
+    if _faulted:  # this process's CUDA context is gone: end it, the pool starts afresh
+        os._exit(1)
     dev = torch.device(device)
     key = (kernel_name, tuple(sorted(shape.items())), dtype, device)
     kernel = registered()[kernel_name]
@@ -58,7 +75,11 @@ def _run_configs(kernel_name: str, shape: dict, dtype: str, device: str, configs
                 torch.cuda.synchronize(dev)
             outcome.append(None)
         except Exception as e:  # the tuner records the real failure when it measures this config
-            outcome.append(f"{type(e).__name__}: {str(e).strip()[:120]}")
+            outcome.append(f"{type(e).__name__}: {str(e).strip()[:200]}")
+            if is_cuda_fault(outcome[-1]):
+                _faulted = True
+                outcome += ["skipped: the worker's CUDA context faulted"] * (len(configs) - len(outcome))
+                break
     return outcome
 
 
@@ -87,30 +108,37 @@ class CompilePool:
         self.broken: Optional[str] = None  # why the pool stopped preparing, if it did
 
     def run(self, kernel_name: str, shape: Mapping[str, int], dtype: str, device: str,
-            configs: Sequence[Mapping[str, Any]]) -> None:
-        """Run every config once across the workers; returns when all are done (or on timeout)."""
+            configs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        """Run every config once across the workers; returns when all are done (or on timeout), with
+        {config_key: reason} for the configs that faulted the GPU (never to be run in this process)."""
+        from .database import config_key
+
         if self._pool is None or not configs:
-            return
+            return {}
         try:
-            futures = [self._pool.submit(_run_configs, kernel_name, dict(shape), dtype, device, [dict(c)])
-                       for c in configs]
+            futures = {self._pool.submit(_run_configs, kernel_name, dict(shape), dtype, device, [dict(c)]): config_key(c)
+                       for c in configs}
         except Exception as e:  # a worker died earlier (BrokenProcessPool): stop preparing
             self._give_up(f"{type(e).__name__}: {e}")
-            return
+            return {}
         done, pending = wait(futures, timeout=BATCH_TIMEOUT_S)
         for f in pending:
             f.cancel()
+        faults: dict[str, str] = {}
         for f in done:
             try:
                 outcome = f.result()
-            except Exception as e:
+            except Exception as e:  # the worker process died (a faulted one ending itself, or a crash)
                 self._give_up(f"{type(e).__name__}: {e}")
-                return
+                continue
             self.ran += sum(o is None for o in outcome)
             self.failed += sum(o is not None for o in outcome)
+            if is_cuda_fault(outcome[0]):
+                faults[futures[f]] = outcome[0]
+        return faults
 
     def preparer(self, kernel_name: str, shape: Mapping[str, int], dtype: str,
-                 device: torch.device | str) -> Callable[[list[dict]], None]:
+                 device: torch.device | str) -> Callable[[list[dict]], dict[str, str]]:
         """The `prepare` callback of tuner.tune for one job."""
         return lambda configs: self.run(kernel_name, shape, dtype, str(device), configs)
 
@@ -120,8 +148,12 @@ class CompilePool:
 
     def close(self) -> None:
         if self._pool is not None:
+            processes = list(getattr(self._pool, "_processes", {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+            for proc in processes:  # a worker stuck in a hung kernel must not hang this process's exit
+                if proc.is_alive():
+                    proc.terminate()
 
 
 _shared: dict[tuple, CompilePool] = {}

@@ -155,10 +155,10 @@ def run_job(job: Job, options: Options, on_trial: Optional[Callable] = None) -> 
             deadline = min(deadline if deadline is not None else math.inf, now + options.job_time_s)
         prepare, batch = None, 1
         if options.compile_workers > 0:
-            from .compile_pool import shared_pool
+            from .compile_pool import BATCH, shared_pool
 
             pool = shared_pool(options.compile_workers, options.imports)
-            prepare, batch = pool.preparer(job.kernel, job.shape_dict, job.dtype, device), options.compile_workers
+            prepare, batch = pool.preparer(job.kernel, job.shape_dict, job.dtype, device), BATCH
         result = tune(kernel, job.shape_dict, parse_dtype(job.dtype), device, strategy=options.strategy,
                       timer=options.timer, max_measurements=options.max_measurements, deadline=deadline,
                       seed=options.seed, on_trial=on_trial, prepare=prepare, batch=batch)

@@ -262,7 +262,8 @@ def tune(kernel: TunableKernel, shape: Mapping[str, int], dtype: torch.dtype = t
         on_trial: called after each measured config (progress display).
         prepare: called with each group of configs (at most `batch`) before they are measured, e.g.
             compile_pool.CompilePool.preparer, which compiles them in parallel processes; the
-            measurements themselves stay one at a time in this process.
+            measurements themselves stay one at a time in this process. It may return
+            {config_key: reason} for configs that must not run here (they faulted the GPU).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -363,11 +364,20 @@ def _tune(kernel, shape, dtype, device, strategy, timer, max_measurements, deadl
 
     def prepare_new(group: list[dict]) -> None:
         fresh = [c for c in group if config_key(c) not in trials]
-        if prepare is not None and fresh:
-            try:
-                prepare(fresh)
-            except Exception:  # preparing only saves time: the measurements compile what it missed
-                pass
+        if prepare is None or not fresh:
+            return
+        try:
+            faulted = prepare(fresh) or {}
+        except Exception:  # preparing only saves time: the measurements compile what it missed
+            return
+        for cfg in fresh:  # a config that faulted the GPU elsewhere is not run here (it would poison this context)
+            reason = faulted.get(config_key(cfg))
+            if reason:
+                trial = Trial(config=dict(cfg), status="failed", reason=f"faulted the GPU in a compile worker: {reason}")
+                trials[config_key(cfg)] = trial
+                result.trials.append(trial)
+                if on_trial is not None:
+                    on_trial(trial)
 
     d = measure(default)
     result.default_time_ms = d.time_ms

@@ -49,8 +49,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _device_events(prof) -> list:
-    """The profiler's device-side events (kernels, memsets, copies): they carry a CUDA device type."""
-    return [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    """The profiler's device-side events (kernels, memsets, copies): they carry a CUDA device type
+    (record_function spans do too, on the GPU timeline: they are not work, so they are left out)."""
+    return [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
 
 
 def profile_call(fn: Callable[[], Any], device: torch.device, calls: int) -> dict:
@@ -75,7 +77,8 @@ def profile_call(fn: Callable[[], Any], device: torch.device, calls: int) -> dic
         per_name: dict[str, list[float]] = {}
         for e in _device_events(prof):
             per_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
-        out["device_us"] = sum(sum(v) for v in per_name.values()) / calls
+        # no device events at all means the profiler saw none (CUPTI unavailable), not free work
+        out["device_us"] = sum(sum(v) for v in per_name.values()) / calls if per_name else None
         out["launches"] = sum(len(v) for v in per_name.values()) / calls
         heavy = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:TOP]
         out["top"] = [(name, sum(v) / calls, len(v) / calls) for name, v in heavy]
@@ -110,7 +113,7 @@ def to_markdown(rows: list[dict], device: torch.device, preset: str, calls: int)
             top = "; ".join(f"{_short(n)} {_fmt_us(us)} x{cnt:g}" for n, us, cnt in r["top"])
             cells = [r["kernel"], r["shape"], r["dtype"], _fmt_us(r["issue_us"]), _fmt_us(r["wall_us"])]
             if device_side:
-                bound = "host" if r["issue_us"] > r["device_us"] else "device"
+                bound = "-" if r["device_us"] is None else "host" if r["issue_us"] > r["device_us"] else "device"
                 cells += [_fmt_us(r["device_us"]), f"{r['launches']:g}", bound]
             cells.append(top)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -516,6 +516,29 @@ def test_compile_pool_failure_only_costs_time():
     assert res.ok and res.best_config == {"B": 16, "W": 2}
 
 
+def test_a_config_that_faulted_the_gpu_in_a_worker_never_runs_here():
+    """prepare reports a CUDA fault for one config: the tuner records it as failed without running
+    it (a fault in this process would poison its CUDA context); the others are measured as usual."""
+    calls = []
+    kernel = _double_kernel(configs=[{"B": 16, "W": 2}, {"B": 32, "W": 2}, {"B": 64, "W": 2}], calls=calls)
+    bad = search.config_key({"B": 32, "W": 2})
+
+    def prepare(group):
+        return {bad: "RuntimeError: CUDA error: an illegal memory access was encountered"} \
+            if bad in map(search.config_key, group) else {}
+    res = tuner.tune(kernel, {"T": 3, "D": 5}, torch.float32, torch.device("cpu"), strategy="exhaustive",
+                     timer=lambda fn, c: 100.0 / c["B"], prepare=prepare, batch=3)
+    assert {"B": 32, "W": 2} not in calls
+    assert res.ok and res.best_config == {"B": 64, "W": 2}
+    assert "illegal memory access" in res.skipped()[bad]
+
+
+def test_compile_workers_need_the_in_process_tuner(dirs, capsys):
+    assert autotune_main(["--kernel", "tree_route", "--preset", "small", "--workers", "2",
+                          "--compile-workers", "2"]) == 2
+    assert "--compile-workers" in capsys.readouterr().err
+
+
 def test_tuner_with_nothing_correct_reports_why(cpu_pipeline):
     kernel = _double_kernel(configs=[{"B": 16, "W": 2}], bad=[{"B": 16, "W": 2}, {"B": 16, "W": 4}])
     res = tuner.tune(kernel, {"T": 3, "D": 5}, torch.float32, torch.device("cpu"), timer=lambda fn, c: 1.0)

@@ -151,23 +151,42 @@ def fused_leaf_fits(h: int, gated: bool) -> bool:
     return max(16, next_pow2(h)) * (2 if gated else 1) <= FUSED_MAX_HIDDEN
 
 
+def _fused_hidden_tile(shape) -> int:
+    """Columns of the fused leaf kernel's hidden tile: H rounded up to a power of two, twice for swiglu."""
+    return max(16, next_pow2(shape["H"])) * (1 + shape.get("gated", 0))
+
+
 def _fused_leaf_default(shape) -> dict:
     m, g, d, o = shape["T"] * shape["k"], shape["G"], shape["D"], shape["N"]
+    # a 128-column hidden tile next to the output tile needs ~250 registers a thread at 4 warps
+    # (ptxas, bf16, H = 128 or swiglu H = 64): 8 warps halve that
     return {"BLOCK_M": _tile_height(m, g, 64), "BLOCK_K": min(64, max(16, next_pow2(d))),
-            "BLOCK_N": min(128, max(16, next_pow2(o))), "num_warps": 4, "num_stages": 3}
+            "BLOCK_N": min(128, max(16, next_pow2(o))), "num_warps": 8 if _fused_hidden_tile(shape) >= 128 else 4,
+            "num_stages": 3}
 
 
 def _fused_leaf_space(shape) -> list[dict]:
     m, d, o = shape["T"] * shape["k"], shape["D"], shape["N"]
-    bh = max(16, next_pow2(shape["H"])) * (1 + shape.get("gated", 0))
+    bh = _fused_hidden_tile(shape)
     out = []
-    for bm, bk, bn, nw, ns in itertools.product((16, 32, 64, 128), (32, 64, 128), (32, 64, 128, 256), (4, 8), (2, 3, 4)):
+    small = (16,)  # 16-wide blocks only where the problem is that narrow
+    for bm, bk, bn, nw, ns in itertools.product((16, 32, 64, 128), (small if d <= 16 else ()) + (32, 64, 128),
+                                                (small if o <= 16 else ()) + (32, 64, 128, 256), (4, 8), (2, 3, 4)):
         if bm > max(16, next_pow2(m)) or bk > max(16, next_pow2(d)) or bn > max(16, next_pow2(o)):
             continue
-        if bm * (bh + bn) > 128 * 256 or (bm * bk + bk * bh) * 2 * ns > 200 * 1024:
-            continue  # register tiles beyond this spill; shared memory beyond this does not fit (16-bit operands)
+        if bm * (bh + bn) > 128 * 256 // (2 if nw == 4 else 1):
+            continue  # register tiles beyond this spill (fp32 accumulators of the hidden and output tiles)
+        if _fused_leaf_smem(shape, {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "num_stages": ns}, 2) > 200 * 1024:
+            continue  # does not fit in shared memory even with 16-bit operands
         out.append({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns})
     return out
+
+
+def _fused_leaf_smem(shape, cfg, element_bytes: int) -> int:
+    """Shared memory of the fused leaf kernel: pipelined x and w1 tiles, and the w2 tile (double-buffered)."""
+    bh = _fused_hidden_tile(shape)
+    bm, bk, bn = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_N"]
+    return ((bm * bk + bk * bh) * cfg.get("num_stages", 2) + 2 * bh * bn) * element_bytes
 
 
 def _sum_default(shape) -> dict:
@@ -738,6 +757,7 @@ def _fff_leaf_shapes(tokens, widths=(16, 64)) -> list[dict]:
 register(TunableKernel(
     name="leaf_mlp_fused", default=_fused_leaf_default, space=_fused_leaf_space, make_inputs=_fused_leaf_inputs,
     run=_fused_leaf_run, error=_fused_leaf_error, tolerance=lambda dtype: tolerance(dtype),
+    smem_bytes=lambda shape, cfg, dtype: _fused_leaf_smem(shape, cfg, torch.empty((), dtype=dtype).element_size()),
     presets={"small": [{"T": 37, "k": 2, "G": 5, "D": 40, "H": 12, "N": 24, "gated": 0},
                        {"T": 29, "k": 1, "G": 3, "D": 24, "H": 20, "N": 18, "gated": 1}],
              "models": _fff_leaf_shapes((1024, 16384)),

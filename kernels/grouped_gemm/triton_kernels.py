@@ -19,7 +19,8 @@ Rows are slots sorted by group (grouping.py): group g owns sorted rows [offsets[
   registers, and sweeps the output columns with it. One launch, no hidden buffer.
 - `group_count_kernel`, `group_plan_kernel`, `group_scatter_kernel`: the forward grouping as a
   counting sort (grouping.CountedGrouping): per-group counts by atomics, then offsets and the
-  per-tile map from one scan, then each slot's sorted row from an atomic cursor per group.
+  per-tile map from one scan, then each slot's sorted row from an atomic cursor per group. The
+  atomics are relaxed: launch boundaries order the steps, and a cursor only needs atomicity.
 """
 from __future__ import annotations
 
@@ -238,7 +239,7 @@ def leaf_mlp_fused_kernel(
         hid = apply_activation(hid, 3) * hid_up  # silu(gate) * up
     else:
         hid = apply_activation(hid, ACT)
-    # rounded to x's dtype like the two-launch path's hidden buffer, so both paths give the same bits
+    # rounded to x's dtype at the same point as the two-launch path's hidden buffer
     hid = tl.where(hmask[None, :], hid, 0.0).to(x_ptr.dtype.element_ty)
     if HAS_RW:
         rw = tl.load(rw_ptr + slot, mask=rmask, other=0.0).to(tl.float32)
@@ -276,9 +277,9 @@ def group_count_kernel(ids_ptr, counts_ptr, M, G, BLOCK: tl.constexpr, SMALL_G: 
         bins = tl.arange(0, SMALL_G)
         hit = (ids[:, None] == bins[None, :]) & ok[:, None]
         local = tl.sum(hit.to(tl.int32), axis=0)
-        tl.atomic_add(counts_ptr + bins, local, mask=(bins < G) & (local > 0))
+        tl.atomic_add(counts_ptr + bins, local, mask=(bins < G) & (local > 0), sem="relaxed")
     else:
-        tl.atomic_add(counts_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=ok)
+        tl.atomic_add(counts_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=ok, sem="relaxed")
 
 
 @jit
@@ -338,10 +339,10 @@ def group_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_slot_ptr, M, G
         bins = tl.arange(0, SMALL_G)
         hit = ((ids[:, None] == bins[None, :]) & ok[:, None]).to(tl.int32)
         local = tl.sum(hit, axis=0)
-        base = tl.atomic_add(cursor_ptr + bins, local, mask=(bins < G) & (local > 0))
+        base = tl.atomic_add(cursor_ptr + bins, local, mask=(bins < G) & (local > 0), sem="relaxed")
         before = tl.sum(tl.where(hit > 0, tl.cumsum(hit, axis=0) - 1, 0), axis=1)  # earlier slots of its group
         rank = tl.sum(tl.where(hit > 0, base[None, :], 0), axis=1) + before
     else:
-        rank = tl.atomic_add(cursor_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=ok)
+        rank = tl.atomic_add(cursor_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=ok, sem="relaxed")
     pos = tl.load(offsets_ptr + ids, mask=ok, other=0) + rank
     tl.store(sorted_slot_ptr + pos, slot, mask=ok)

@@ -102,7 +102,7 @@ def tree_walk_kernel(x_ptr, w_ptr, b_ptr, leaf_ptr, path_node_ptr, path_logit_pt
     if STORE_LEAF:
         tl.store(leaf_ptr + rows, node - (2**LEVELS - 1), mask=rmask)
     if COUNT_LEAVES:
-        tl.atomic_add(count_ptr + node - (2**LEVELS - 1), tl.full([BLOCK_T], 1, tl.int32), mask=rmask)
+        tl.atomic_add(count_ptr + node - (2**LEVELS - 1), tl.full([BLOCK_T], 1, tl.int32), mask=rmask, sem="relaxed")
 
 
 @jit
