@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .._accuracy import TF32_TOLERANCE, rel_error, tolerance
-from .._backend import FLOAT_DTYPES, check_same_device, new_output, resolve_backend
+from .._backend import FLOAT_DTYPES, check_same_device, dispatch, new_output, resolve_backend
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, plans, reference
@@ -422,13 +422,15 @@ def _config(name: str, shape: dict, x: torch.Tensor) -> dict:
 
 # ----------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("tritonlab::fnet_mix", mutates_args=())
-def _fnet_mix_op(x: torch.Tensor, backend: str) -> torch.Tensor:
+def _fnet_mix_impl(x: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "triton" or (backend == "triton-auto"
                                and (AUTO_USES_SPLIT or not getattr(plans.dft_plan(x.shape[1]), "split", False))):
         b, s, d = x.shape
         return _fnet_triton(x, _config("fnet_mix", {"B": b, "S": s, "D": d}, x))
     return fallback.fnet_mix_torch(x)
+
+
+_fnet_mix_op = torch.library.custom_op("tritonlab::fnet_mix", _fnet_mix_impl, mutates_args=())
 
 
 @_fnet_mix_op.register_fake
@@ -447,14 +449,16 @@ def _fnet_backward(ctx, grad):
 torch.library.register_autograd("tritonlab::fnet_mix", _fnet_backward, setup_context=_fnet_setup)
 
 
-@torch.library.custom_op("tritonlab::spectral_filter", mutates_args=())
-def _spectral_filter_op(x: torch.Tensor, filt: torch.Tensor, backend: str) -> torch.Tensor:
+def _spectral_filter_impl(x: torch.Tensor, filt: torch.Tensor, backend: str) -> torch.Tensor:
     b, s, d = x.shape
     plan = plans.conv_plan(s, False) if backend != "torch" else None
     if _use_triton(backend, plan):
         cfg = _config("spectral_filter", {"B": b, "S": s, "D": d}, x)
         return _conv_triton(x, plan, cfg, filt=filt)
     return fallback.spectral_filter_torch(x, filt)
+
+
+_spectral_filter_op = torch.library.custom_op("tritonlab::spectral_filter", _spectral_filter_impl, mutates_args=())
 
 
 @_spectral_filter_op.register_fake
@@ -482,14 +486,16 @@ def _filter_backward(ctx, grad):
 torch.library.register_autograd("tritonlab::spectral_filter", _filter_backward, setup_context=_filter_setup)
 
 
-@torch.library.custom_op("tritonlab::fft_conv", mutates_args=())
-def _fft_conv_op(x: torch.Tensor, k: torch.Tensor, causal: bool, backend: str) -> torch.Tensor:
+def _fft_conv_impl(x: torch.Tensor, k: torch.Tensor, causal: bool, backend: str) -> torch.Tensor:
     b, s, d = x.shape
     plan = plans.conv_plan(s, causal) if backend != "torch" else None
     if _use_triton(backend, plan):
         cfg = _config("fft_conv" if causal else "spectral_filter", {"B": b, "S": s, "D": d}, x)
         return _conv_triton(x, plan, cfg, k=k)
     return fallback.fft_conv_torch(x, k, causal)
+
+
+_fft_conv_op = torch.library.custom_op("tritonlab::fft_conv", _fft_conv_impl, mutates_args=())
 
 
 @_fft_conv_op.register_fake
@@ -532,7 +538,7 @@ def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     if x.numel() == 0:
         return torch.zeros_like(x)
     chosen = _choose_backend(backend, x, True, "fnet_mix")
-    return _fnet_mix_op(_as_batch(x), chosen).reshape(x.shape)
+    return dispatch(_fnet_mix_op, _fnet_mix_impl, _as_batch(x), chosen, needs_autograd=True).reshape(x.shape)
 
 
 def spectral_filter(x: torch.Tensor, filt: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -567,7 +573,8 @@ def spectral_filter(x: torch.Tensor, filt: torch.Tensor, *, backend: str = "auto
         return torch.zeros_like(x)
     f3 = filt.reshape(-1, s // 2 + 1, d).contiguous()
     chosen = _choose_backend(backend, x, plans.has_conv_plan(s, False), "spectral_filter")
-    return _spectral_filter_op(_as_batch(x), f3, chosen).reshape(x.shape)
+    return dispatch(_spectral_filter_op, _spectral_filter_impl, _as_batch(x), f3, chosen,
+                    needs_autograd=True).reshape(x.shape)
 
 
 def fft_conv(x: torch.Tensor, k: torch.Tensor, causal: bool = True, *, backend: str = "auto") -> torch.Tensor:
@@ -599,7 +606,8 @@ def fft_conv(x: torch.Tensor, k: torch.Tensor, causal: bool = True, *, backend: 
     if x.numel() == 0:
         return torch.zeros_like(x)
     chosen = _choose_backend(backend, x, plans.has_conv_plan(s, causal), "fft_conv")
-    return _fft_conv_op(_as_batch(x), k.contiguous(), causal, chosen).reshape(x.shape)
+    return dispatch(_fft_conv_op, _fft_conv_impl, _as_batch(x), k.contiguous(), causal, chosen,
+                    needs_autograd=True).reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------- tuning registry
