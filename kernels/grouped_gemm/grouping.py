@@ -15,8 +15,9 @@ For decode sizes (T*k <= DIRECT_MAX_SLOTS, G <= DIRECT_MAX_GROUPS) the plan is `
 is sorted and no grouping op runs; the forward GEMMs then take one program per group that masks
 the slots routed to it (launch latency, not bandwidth, is what counts at that size).
 
-Out-of-range ids (only possible when the range check was skipped under torch.compile) sort
-before offsets[0] or after offsets[G] and so belong to no tile: they are never read by a kernel.
+Out-of-range ids (only possible when the range check was skipped, under torch.compile or CUDA-graph
+capture) belong to no tile: the sort puts them before offsets[0] or after offsets[G], the counting
+sort leaves them uncounted and unplaced. No kernel ever reads through them.
 
 Two implementations of that interface:
 - `DeviceGrouping`: a stable sort (torch ops). Rows of a group keep slot order, which the backward's
