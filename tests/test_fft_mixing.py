@@ -233,6 +233,8 @@ def test_wide_channels_and_batches(backend, device):
     (17, {"BLOCK_D": 16, "ROWS": 4, "num_warps": 4}),  # dense DFT, 4 batch rows per program, B % 4 != 0
     (100, {"BLOCK_D": 2, "ROWS": 3, "num_warps": 2}),  # four-step, 2 channels per program
     (100, {"BLOCK_D": 16, "ROWS": 1, "num_warps": 8}),
+    (100, {"BLOCK_D": 4, "ROWS": 1, "num_warps": 4, "SEQ_MAJOR": 1}),  # x and y staged sequence-contiguous
+    (17, {"BLOCK_D": 16, "ROWS": 1, "num_warps": 4, "SEQ_MAJOR": 1}),
 ])
 def test_fused_kernel_configs(device, s, cfg):
     """Tunable block shapes, shared and per-input filters: every config computes the same result."""
@@ -242,6 +244,10 @@ def test_fused_kernel_configs(device, s, cfg):
     for filt in (cfilt(1, s // 2 + 1, d, device=device), cfilt(b, s // 2 + 1, d, device=device)):
         y = ops._conv_triton(x, plan, cfg, filt=filt)
         assert_close(y, ref.spectral_filter_ref(np64(x), np64(filt)), tolerance(torch.float32))
+    if cfg.get("SEQ_MAJOR"):  # the causal convolution's addressing too
+        k = rand(s, d, device=device, scale=s**-0.5)
+        y = ops._conv_triton(x, plans.conv_plan(s, True), cfg, k=k)
+        assert_close(y, ref.fft_conv_ref(np64(x), np64(k), True), tolerance(torch.float32))
 
 
 # ----------------------------------------------------------------------------- gradients

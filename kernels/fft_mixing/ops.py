@@ -179,6 +179,8 @@ def _conv_space(shape, causal: bool) -> list[dict]:
             if nw == 2 and tile > 2048:
                 continue
             out.append({"BLOCK_D": bd, "ROWS": rows, "num_warps": nw})
+            if bd <= 8 and rows == 1:  # under 32 bytes of channels per row: also try sequence-contiguous staging
+                out.append({"BLOCK_D": bd, "ROWS": rows, "num_warps": nw, "SEQ_MAJOR": 1})
     return out
 
 
@@ -275,14 +277,22 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     skb = 0 if kr.shape[0] == 1 else kr.stride(0)
     rows = cfg.get("ROWS", 1)
     step = MAX_GRID_BATCH * rows
+    # SEQ_MAJOR (a tunable): with few channels per program, channels-fastest loads use a few bytes
+    # of each 32-byte sector; staging x and y channel-major ([B, D, S] copies) makes the sequence
+    # axis contiguous instead, at the price of two transposing passes
+    seq_major = bool(cfg.get("SEQ_MAJOR", 0))
+    xk = x.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else x
+    yk = torch.empty((b, d, s), dtype=y.dtype, device=y.device).transpose(1, 2) if seq_major else y
     for b0 in range(0, b, step):
         b1 = min(b, b0 + step)
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
-        xs, ys = x[b0:b1], y[b0:b1]
+        xs, ys = xk[b0:b1], yk[b0:b1]
         fused_conv_kernel[_grid(_cdiv(d, cfg["BLOCK_D"]), _cdiv(b1 - b0, rows))](
-            xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, xs.stride(0), xs.stride(1), ys.stride(0), ys.stride(1),
+            xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, *xs.stride(), *ys.stride(),
             skb, N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, MODE=plan.mode, BLOCK_D=cfg["BLOCK_D"],
             ROWS=rows, PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"])
+    if seq_major:
+        y.copy_(yk)
 
 
 def _split_batch(b: int, per_row_bytes: int) -> int:

@@ -75,11 +75,12 @@ def _rows_to_t(t, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
 
 @jit
 def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
-                      B, S, D, stride_xb, stride_xs, stride_yb, stride_ys, stride_kb,
+                      B, S, D, stride_xb, stride_xs, stride_xd, stride_yb, stride_ys, stride_yd, stride_kb,
                       N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                       MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr):
     """y[b, :, d] = IDFT_M(K[:, d] * DFT_M(x[b, :, d] mapped by MODE)) for a block of channels d and
-    ROWS consecutive batch rows.
+    ROWS consecutive batch rows. x and y are addressed as [B, S, D] through their strides (channels
+    contiguous, or the sequence contiguous when the launcher staged them channel-major).
 
     K ([P1, D, P2] per batch row, stride_kb = 0 when shared) is the kernel spectrum in this kernel's
     layout with the 1/M scale folded in; padded bins are zero.
@@ -105,8 +106,8 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
         lmask = valid & (n < S)
         dst = n
         smask = lmask
-    x_off = _offsets(src, stride_xs, d[None, :], 1)
-    y_off = _offsets(dst, stride_ys, d[None, :], 1)
+    x_off = _offsets(src, stride_xs, d[None, :], stride_xd)
+    y_off = _offsets(dst, stride_ys, d[None, :], stride_yd)
     if P2 > 1:
         # the four-step output is produced transposed, [P2 * BLOCK_D, P1] (row n2 * BLOCK_D + dd,
         # column n1): the permuted tile then feeds the last dot as its A operand (as a B operand,
@@ -117,10 +118,10 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
         t_n = rows[None, :] * N2 + t_n2[:, None]
         t_valid = (rows < N1)[None, :] & ((t_n2 < N2) & (t_d < D))[:, None]
         if MODE == 2:
-            y_off = _offsets(t_n - S, stride_ys, t_d[:, None], 1)
+            y_off = _offsets(t_n - S, stride_ys, t_d[:, None], stride_yd)
             smask = t_valid & (t_n >= S) & (t_n < 2 * S)
         else:
-            y_off = _offsets(t_n, stride_ys, t_d[:, None], 1)
+            y_off = _offsets(t_n, stride_ys, t_d[:, None], stride_yd)
             smask = t_valid & (t_n < S)
 
     if P2 == 1:
