@@ -108,6 +108,26 @@ def test_fff_forward_without_biases_and_leaf_counts(backend, device):
     assert counts.sum() == t
 
 
+@pytest.mark.parametrize("depth,t", [(0, 5), (5, 2), (5, 64)])
+def test_fff_decode_grouped_choice_matches_the_fused_kernel(device, depth, t):
+    """The decode tunable's GROUPED config (route, then the grouped leaves) against the reference and
+    the fused route-plus-leaf kernel (Triton path, interpreter on CPU)."""
+    from tritonlab.kernels.tree_routing import ops as tree_ops
+
+    d, h, o = 40, 20, 24
+    nw, nb = tree(depth, d, torch.float32, device)
+    x = separated_tokens(t, d, nw, nb, torch.float32, device)
+    args = (x, nw, nb, rand(2**depth, d, h, device=device, scale=d**-0.5), rand(2**depth, h, device=device),
+            rand(2**depth, h, o, device=device, scale=h**-0.5), rand(2**depth, o, device=device))
+    shape = {"T": t, "D": d, "H": h, "O": o, "depth": depth}
+    assert {"GROUPED": 1} in registered()["fff_decode"].space(shape)
+    grouped, leaf_g = tree_ops._fff_small_batch(*args, "gelu", config={"GROUPED": 1})
+    fused, leaf_f = tree_ops._fff_small_batch(*args, "gelu", config=registered()["fff_decode"].default(shape))
+    assert_close(grouped, ref.fff_forward_ref(*(np64(a) for a in args), "gelu"), tolerance(torch.float32))
+    assert_close(grouped, fused, tolerance(torch.float32))
+    assert torch.equal(leaf_g.long(), leaf_f.long())
+
+
 def test_fff_forward_depth_12_decode_and_batch(backend, device):
     depth, d, h, o = 12, 16, 4, 8
     nw, nb = tree(depth, d, torch.float32, device)

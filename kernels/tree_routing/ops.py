@@ -87,6 +87,8 @@ def _fused_space(shape) -> list[dict]:
         if bd * bh > 8192 or bh * bo > 16384:  # register tiles beyond this spill
             continue
         out.append({"BLOCK_D": bd, "BLOCK_H": bh, "BLOCK_O": bo, "num_warps": nw})
+    if shape["T"] > 1:  # the alternative the tuner weighs: route all tokens, then the leaves as a group
+        out.append({"GROUPED": 1})
     return out
 
 
@@ -113,11 +115,38 @@ def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, confi
     return leaf, path_nodes, path_logits
 
 
-def _fff_fused_triton(x, nw, nb, w1, b1, w2, b2, activation, config: Optional[dict] = None):
+def _fff_small_batch(x, nw, nb, w1, b1, w2, b2, activation, config: Optional[dict] = None):
+    """T <= DECODE_MAX_TOKENS: the fused route-plus-leaf kernel, unless the tuned config for this
+    shape says the grouped path (route, then the leaves as one grouped computation) is faster."""
+    t, d = x.shape
+    depth = (nw.shape[0] + 1).bit_length() - 1
+    shape = {"T": t, "D": d, "H": w1.shape[2], "O": w2.shape[2], "depth": depth}
+    cfg = config or lookup_config("fff_decode", shape, x.dtype, x.device)
+    if cfg.get("GROUPED"):
+        return _fff_grouped(x, nw, nb, w1, b1, w2, b2, activation, count_leaves=False)
+    return _fff_fused_triton(x, nw, nb, w1, b1, w2, b2, activation, cfg)
+
+
+def _fff_grouped(x, nw, nb, w1, b1, w2, b2, activation, count_leaves: bool = True):
+    """Route every token (one launch), then the leaves as one grouped computation (grouped_gemm's
+    leaf_mlp Triton path; no host sync). count_leaves: the walk also counts tokens per leaf, the
+    counting sort's first step without a launch of its own (large batches; decode sizes take the
+    sort-free plan and need no counts)."""
+    depth = (nw.shape[0] + 1).bit_length() - 1
+    state = None
+    if depth == 0:
+        leaf = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    else:
+        state = CountedGrouping.new_state(2**depth, x.device) if count_leaves else None
+        leaf = _walk_triton(x, nw, nb, depth, store_leaf=True, store_path=False,
+                            leaf_counts=None if state is None else state[: 2**depth])[0]
+    return leaf_mlp_triton(x, leaf.view(-1, 1), w1, b1, w2, b2, activation, grouping_state=state), leaf
+
+
+def _fff_fused_triton(x, nw, nb, w1, b1, w2, b2, activation, cfg: dict):
     t, d = x.shape
     depth = (nw.shape[0] + 1).bit_length() - 1
     h, o = w1.shape[2], w2.shape[2]
-    cfg = config or lookup_config("fff_decode", {"T": t, "D": d, "H": h, "O": o, "depth": depth}, x.dtype, x.device)
     y = new_output((t, o), x.dtype, x.device)
     leaf = new_output((t,), torch.int32, x.device)
     grid = (t, triton.cdiv(o, cfg["BLOCK_O"]))
@@ -170,16 +199,8 @@ def _fff_forward_impl(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Opt
     if resolve_backend(backend, x.device) == "torch":
         return fallback.fff_forward_torch(x, node_weight, node_bias, w1, b1, w2, b2, activation)
     if x.shape[0] <= DECODE_MAX_TOKENS:
-        return _fff_fused_triton(x, node_weight, node_bias, w1, b1, w2, b2, activation)
-    depth = (node_weight.shape[0] + 1).bit_length() - 1
-    if depth == 0:
-        leaf, state = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device), None
-    else:  # the walk also counts tokens per leaf: the grouping's first step, without a launch of its own
-        state = CountedGrouping.new_state(2**depth, x.device)
-        leaf = _walk_triton(x, node_weight, node_bias, depth, store_leaf=True, store_path=False,
-                            leaf_counts=state[: 2**depth])[0]
-    # The leaves as one grouped computation (grouped_gemm.leaf_mlp's Triton path; no host sync).
-    return leaf_mlp_triton(x, leaf.view(-1, 1), w1, b1, w2, b2, activation, grouping_state=state), leaf
+        return _fff_small_batch(x, node_weight, node_bias, w1, b1, w2, b2, activation)
+    return _fff_grouped(x, node_weight, node_bias, w1, b1, w2, b2, activation)
 
 
 _fff_forward_op = torch.library.custom_op("tritonlab::fff_forward", _fff_forward_impl, mutates_args=())
@@ -358,8 +379,8 @@ def _fused_error(inp, out) -> float:
 
 register(TunableKernel(
     name="fff_decode", default=_fused_default, space=_fused_space, make_inputs=_fused_inputs,
-    run=lambda inp, cfg: _fff_fused_triton(inp["x"], inp["nw"], inp["nb"], inp["w1"], inp["b1"], inp["w2"],
-                                           inp["b2"], "relu", cfg)[0],
+    run=lambda inp, cfg: _fff_small_batch(inp["x"], inp["nw"], inp["nb"], inp["w1"], inp["b1"], inp["w2"],
+                                          inp["b2"], "relu", cfg)[0],
     error=_fused_error, tolerance=lambda dtype: tolerance(dtype),
     presets={"small": [{"T": 3, "D": 40, "H": 24, "O": 40, "depth": 3}],
              "models": [{"T": 1, "D": 768, "H": 16, "O": 768, "depth": 8}, {"T": 64, "D": 768, "H": 16, "O": 768, "depth": 8},
