@@ -230,27 +230,32 @@ def ours(name: str, call: Callable[[Callable, dict, str], Any], graph_safe: bool
     return provs
 
 
+def graph_replay(fn: Callable[[], Any], warmup: int = 2) -> Callable[[], Any]:
+    """fn captured once in a CUDA graph, after `warmup` calls on a side stream (compiles, config
+    lookups, allocations); the returned call replays the graph and returns the captured output
+    tensor, which each replay refills."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def captured(setup: Callable[[dict, torch.device], Prepared]) -> Callable[[dict, torch.device], Prepared]:
-    """A setup whose call is the given one captured once in a CUDA graph and replayed (the replay
-    refills the captured output tensor, which the call returns)."""
+    """A setup whose call is the given one captured in a CUDA graph and replayed (graph_replay)."""
     def _setup(inp, device):
         if device.type != "cuda":
             raise Unavailable("CUDA graphs need a GPU")
-        fn = setup(inp, device).fn
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: compiles, config lookups, allocations
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
-
-        def replay():
-            graph.replay()
-            return out
-        return Prepared(replay)
+        return Prepared(graph_replay(setup(inp, device).fn))
     return _setup
 
 
