@@ -93,6 +93,30 @@ def test_leaf_mlp_matches_reference(backend, device, case):
     assert_close(y, expected, tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("per_slot", [True, False], ids=["per-slot", "layout"])
+def test_both_cpu_fallback_paths_match_reference(monkeypatch, per_slot):
+    """The torch fallback's two forward paths on every case above: per-slot weights (decode sizes)
+    and the grouped layout (forced either way by the per-slot byte cap)."""
+    from tritonlab.kernels.grouped_gemm import fallback
+
+    monkeypatch.setattr(fallback, "PER_SLOT_MAX_BYTES", 1 << 40 if per_slot else 0)
+    for t, k, g, d, n, act, bias, rw, kind in GMS_CASES:
+        x, w, idx, b, r = gms_inputs(t, k, g, d, n, torch.float32, "cpu", kind, bias, rw)
+        y = fallback.gather_matmul_scatter_torch(x, w, idx, b, r, act)
+        assert_close(y, ref.gather_matmul_scatter_ref(np64(x), np64(w), idx.numpy(), np64(b), np64(r), act),
+                     tolerance(torch.float32))
+    for t, k, g, d, h, o, act, bias, rw, kind in LEAF_CASES:
+        x, idx, w1, b1, w2, b2, r = leaf_inputs(t, k, g, d, h, o, act, torch.float32, "cpu", kind, bias, rw)
+        y = fallback.leaf_mlp_torch(x, idx, w1, b1, w2, b2, act, r)
+        assert_close(y, ref.leaf_mlp_ref(np64(x), idx.numpy(), np64(w1), np64(b1), np64(w2), np64(b2), act, np64(r)),
+                     tolerance(torch.float32))
+    x, idx, w1, b1, w2, b2, r = leaf_inputs(9, 2, 4, 16, 8, 12, "swiglu", torch.bfloat16, "cpu")
+    y = fallback.leaf_mlp_torch(x, idx, w1, b1, w2, b2, "swiglu", r)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, ref.leaf_mlp_ref(*(np64(a) for a in (x, idx, w1, b1, w2, b2)), "swiglu", np64(r)),
+                 tolerance(torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 def test_half_precision(backend, device, dtype):
     x, w, idx, b, r = gms_inputs(45, 2, 6, 40, 24, dtype, device)
@@ -183,6 +207,7 @@ def test_cpu_fallback_layouts(mode_cost, monkeypatch):
     """Both CPU layouts (torch._grouped_mm over sorted rows, padded batched matmuls), forward and backward."""
     from tritonlab.kernels.grouped_gemm import fallback
     monkeypatch.setattr(fallback, "_GROUP_CALL_OVERHEAD", mode_cost)
+    monkeypatch.setattr(fallback, "PER_SLOT_MAX_BYTES", 0)  # these shapes would take the per-slot path
     x, idx, w1, b1, w2, b2, r = leaf_inputs(33, 2, 5, 20, 12, 16, "swiglu", torch.float32, "cpu", "skew")
     assert fallback.SlotLayout(idx, 5, 1, 1, widths=(20, 24, 12, 16)).sorted_mode == (mode_cost < 0 and fallback._grouped_mm_works())
     dy = rand(33, 16)
