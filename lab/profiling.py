@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import bench, cases
-from .report import default_out_dir
+from .report import default_out_dir, resolve_device
 
 #: the heaviest kernels (or CPU ops) listed per row
 TOP = 4
@@ -125,8 +125,7 @@ def to_markdown(rows: list[dict], device: torch.device, preset: str, calls: int)
 
 
 def run(args: argparse.Namespace) -> int:
-    want = args.device
-    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(args.device)
     preset = args.preset or ("models" if device.type == "cuda" else "quick")
     try:
         selected = cases.select(args.kernel)

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return run_compare(args.compare[0], args.compare[1], args.threshold, args.all_providers)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     preset = "quick" if args.quick else (args.preset or ("models" if device.type == "cuda" else "cpu"))
     out_dir = Path(args.out) if args.out else default_out_dir(device)
     try:
@@ -158,11 +158,12 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """--device auto | cpu | cuda -> the device to measure on ("auto": the GPU when there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("tritonlab report: --device cuda but no CUDA device is visible")
+        raise SystemExit("tritonlab: --device cuda but no CUDA device is visible")
     return torch.device(name)
 
 
