@@ -93,13 +93,13 @@ def test_leaf_mlp_matches_reference(backend, device, case):
     assert_close(y, expected, tolerance(torch.float32))
 
 
-@pytest.mark.parametrize("per_slot", [True, False], ids=["per-slot", "layout"])
-def test_both_cpu_fallback_paths_match_reference(monkeypatch, per_slot):
-    """The torch fallback's two forward paths on every case above: per-slot weights (decode sizes)
-    and the grouped layout (forced either way by the per-slot byte cap)."""
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "layout"])
+def test_both_cpu_fallback_paths_match_reference(monkeypatch, in_place):
+    """The torch fallback's two forward paths on every case above: weights read in place per slot
+    (small batches) and the grouped layout (forced either way through the in-place path's cost)."""
     from tritonlab.kernels.grouped_gemm import fallback
 
-    monkeypatch.setattr(fallback, "PER_SLOT_MAX_BYTES", 1 << 40 if per_slot else 0)
+    monkeypatch.setattr(fallback, "_IN_PLACE_ELEMENT_COST", 0 if in_place else 1e30)
     for t, k, g, d, n, act, bias, rw, kind in GMS_CASES:
         x, w, idx, b, r = gms_inputs(t, k, g, d, n, torch.float32, "cpu", kind, bias, rw)
         y = fallback.gather_matmul_scatter_torch(x, w, idx, b, r, act)
@@ -207,7 +207,7 @@ def test_cpu_fallback_layouts(mode_cost, monkeypatch):
     """Both CPU layouts (torch._grouped_mm over sorted rows, padded batched matmuls), forward and backward."""
     from tritonlab.kernels.grouped_gemm import fallback
     monkeypatch.setattr(fallback, "_GROUP_CALL_OVERHEAD", mode_cost)
-    monkeypatch.setattr(fallback, "PER_SLOT_MAX_BYTES", 0)  # these shapes would take the per-slot path
+    monkeypatch.setattr(fallback, "_IN_PLACE_ELEMENT_COST", 1e30)  # these shapes would take the in-place path
     x, idx, w1, b1, w2, b2, r = leaf_inputs(33, 2, 5, 20, 12, 16, "swiglu", torch.float32, "cpu", "skew")
     assert fallback.SlotLayout(idx, 5, 1, 1, widths=(20, 24, 12, 16)).sorted_mode == (mode_cost < 0 and fallback._grouped_mm_works())
     dy = rand(33, 16)

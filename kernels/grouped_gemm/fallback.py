@@ -30,10 +30,16 @@ group counts on the host (a sync on CUDA; the Triton path has none).
 
 Backward uses the same layout and closed-form gradients (see the *_backward_torch functions).
 
-Decode sizes skip the layout: when every slot's own copy of its weights fits in PER_SLOT_MAX_BYTES,
-the forward gathers them and runs one batched matmul per layer (a handful of ops instead of the
-layout's few dozen, which cost more than the math at that size: fff_forward D=768 depth 8 H=16 on
-the 2-core CPU machine, T=1 / 16 / 64: 1.86 / 2.14 / 3.38 ms -> 0.87 / 1.19 / 2.00 ms).
+Small batches skip the layout (the in-place path): each slot's rows are multiplied by its own
+group's weights read where they lie, through embedding_bag (sum mode, per-sample weights): row s
+of a [M, K] times w[g] [K, N] is the sum of the K rows of w viewed as [G*K, N] picked by
+g*K + 0..K-1, weighted by a[s]. Nothing is sorted, padded or copied, and the second layer's bags
+gather a token's k slots at once (its route weights folded into the per-sample weights), so its
+output comes out summed and in token order. It reads every slot's weights once, where the layout
+reads each group's weights once, so it wins while tokens per group are few: _in_place_is_cheaper
+compares the two by the same element-unit costs. Measured on the 2-core CPU machine, leaf_mlp
+D=768 G=256 H=16 float32 (layout or the previous per-slot weight copies, against in place):
+T=64 0.83 -> 0.58 ms, T=256 4.3 -> 1.9 ms; at T=4096 the layout stays (11 ms against 16).
 """
 from __future__ import annotations
 
@@ -319,23 +325,45 @@ def _flat_indices(indices: Tensor) -> Tensor:
     return indices.reshape(indices.shape[0], -1)
 
 
-#: forward passes whose per-slot weight copies take at most this many bytes take the per-slot path
-PER_SLOT_MAX_BYTES = 8 << 20
+#: the in-place path's cost per weight element it reads, in _row_cost's element units (fitted on
+#: the 2-core CPU machine: leaf_mlp D=768 G=256 H=16 at T = 64 to 4096, against the layout's cost)
+_IN_PLACE_ELEMENT_COST = 0.5
+#: the padded layout's fixed cost (counting on the host, sorting, a dozen small ops), element units
+_LAYOUT_OVERHEAD = 1_500_000
 
 
-def _per_slot(indices: Tensor, matrix_elements: int, cdt: torch.dtype) -> Optional[Tensor]:
-    """The slots' group ids [M] when the per-slot path is cheaper here (module docstring), else None."""
+def _in_place_is_cheaper(indices: Tensor, num_groups: int, matrix_elements: int, row_cost: int,
+                         group_cost: int) -> bool:
+    """Whether the in-place path (module docstring) costs less than the padded layout here.
+    matrix_elements: weight elements one slot reads (all layers); row_cost/group_cost as SlotLayout."""
+    in_place = indices.numel() * matrix_elements * _IN_PLACE_ELEMENT_COST
+    if in_place <= _LAYOUT_OVERHEAD:
+        return True
+    counts = torch.bincount(indices.reshape(-1).to(torch.int64), minlength=num_groups).cpu().numpy()
+    return in_place < _choose_padded(counts, row_cost, group_cost)[0] + _LAYOUT_OVERHEAD
+
+
+def _times_group_matrix(a: Tensor, w: Tensor, ids: Tensor) -> Tensor:
+    """[M, N]: row s of a [M, K] times its group's matrix w[ids[s]] (w [G, K, N], read in place)."""
+    g, kdim, n = w.shape
+    bags = ids[:, None] * kdim + torch.arange(kdim, device=a.device)
+    return F.embedding_bag(bags, w.reshape(g * kdim, n), per_sample_weights=a, mode="sum")
+
+
+def _in_place_output_layer(hidden: Tensor, w2: Tensor, b2: Optional[Tensor], indices: Tensor,
+                           route_weights: Optional[Tensor]) -> Tensor:
+    """[T, O]: y[t] = sum_j rw[t, j] * (hidden[t*k + j] @ w2[g] + b2[g]), g = indices[t, j], one bag per
+    token (its k slots' rows of w2, the route weights folded into the per-sample weights)."""
+    t, k = indices.shape
+    g, h, o = w2.shape
     ids = indices.reshape(-1)
-    size = torch.empty((), dtype=cdt).element_size()
-    return ids if ids.numel() * matrix_elements * size <= PER_SLOT_MAX_BYTES else None
-
-
-def _slot_matmul(a: Tensor, w: Tensor, bias: Optional[Tensor], ids: Tensor) -> Tensor:
-    """Row s of a [M, K] times its own group's matrix w[ids[s]] [K, N] (+ bias[ids[s]]): [M, N]."""
-    wg = w.index_select(0, ids)
-    if bias is None:
-        return torch.bmm(a.unsqueeze(1), wg).squeeze(1)
-    return torch.baddbmm(bias.index_select(0, ids).unsqueeze(1), a.unsqueeze(1), wg).squeeze(1)
+    rw = None if route_weights is None else route_weights.reshape(t * k, 1).to(hidden.dtype)
+    psw = hidden if rw is None else hidden * rw
+    bags = (ids[:, None] * h + torch.arange(h, device=ids.device)).view(t, k * h)
+    y = F.embedding_bag(bags, w2.reshape(g * h, o), per_sample_weights=psw.reshape(t, k * h), mode="sum")
+    if b2 is not None:
+        y += F.embedding_bag(indices, b2, per_sample_weights=None if rw is None else rw.view(t, k), mode="sum")
+    return y
 
 
 def _slot_rows(x: Tensor, k: int) -> Tensor:
@@ -359,13 +387,15 @@ def gather_matmul_scatter_torch(x: Tensor, weight: Tensor, indices: Tensor, bias
     indices = _flat_indices(indices)
     cdt = compute_dtype(x)
     _, d, n = weight.shape
-    ids = _per_slot(indices, d * n, cdt)
-    if ids is not None:
+    row_cost, group_cost = _row_cost(d + 2 * n, 2 * d * n), d * n
+    if _in_place_is_cheaper(indices, weight.shape[0], d * n, row_cost, group_cost):
         t, k = indices.shape
-        z = _slot_matmul(_slot_rows(x.to(cdt), k), weight.to(cdt), None if bias is None else bias.to(cdt), ids)
+        ids = indices.reshape(-1).to(torch.int64)
+        z = _times_group_matrix(_slot_rows(x.to(cdt), k), weight.to(cdt), ids)
+        if bias is not None:
+            z += bias.to(cdt).index_select(0, ids)
         return _sum_slots(hidden_forward(z, activation, inplace=True), t, k, route_weights).to(x.dtype)
-    lay = SlotLayout(indices, weight.shape[0], row_cost=_row_cost(d + 2 * n, 2 * d * n), group_cost=d * n,
-                     widths=(d, n))
+    lay = SlotLayout(indices, weight.shape[0], row_cost=row_cost, group_cost=group_cost, widths=(d, n))
     z = lay.gemm(lay.gather(x, "a").to(cdt), weight.to(cdt), workspace="out")
     if bias is not None:
         lay.add_bias_(z, bias.to(cdt))
@@ -415,14 +445,17 @@ def leaf_mlp_torch(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
     cdt = compute_dtype(x)
     g, d, h1 = w1.shape
     h, o = w2.shape[1], w2.shape[2]
-    ids = _per_slot(indices, d * h1 + h * o, cdt)
-    if ids is not None:
-        t, k = indices.shape
-        u = _slot_matmul(_slot_rows(x.to(cdt), k), w1.to(cdt), None if b1 is None else b1.to(cdt), ids)
-        v = _slot_matmul(hidden_forward(u, activation, inplace=True), w2.to(cdt), None if b2 is None else b2.to(cdt), ids)
-        return _sum_slots(v, t, k, route_weights).to(x.dtype)
-    lay = SlotLayout(indices, g, row_cost=_row_cost(d + 2 * h1 + o, 2 * (d * h1 + h * o)), group_cost=d * h1 + h * o,
-                     widths=(d, h1, h, o), matmuls=2)
+    row_cost, group_cost = _row_cost(d + 2 * h1 + o, 2 * (d * h1 + h * o)), d * h1 + h * o
+    if _in_place_is_cheaper(indices, g, d * h1 + h * o, row_cost, group_cost):
+        indices = indices.to(torch.int64)
+        ids = indices.reshape(-1)
+        u = _times_group_matrix(_slot_rows(x.to(cdt), indices.shape[1]), w1.to(cdt), ids)
+        if b1 is not None:
+            u += b1.to(cdt).index_select(0, ids)
+        hidden = hidden_forward(u, activation, inplace=True)
+        return _in_place_output_layer(hidden, w2.to(cdt), None if b2 is None else b2.to(cdt), indices,
+                                      route_weights).to(x.dtype)
+    lay = SlotLayout(indices, g, row_cost=row_cost, group_cost=group_cost, widths=(d, h1, h, o), matmuls=2)
     u = lay.gemm(lay.gather(x, "a").to(cdt), w1.to(cdt))
     if b1 is not None:
         lay.add_bias_(u, b1.to(cdt))

@@ -1,88 +1,83 @@
 """Torch fallbacks for tree routing: vectorized, no Python loop over tokens or leaves.
 
-Routing walks the tree in stages of `stage` levels (4 by default). In a stage, each token needs
-the 2**stage - 1 nodes of the subtree under its current node; tokens are grouped by that subtree
-root and one batched matmul gives every token's logits for its whole subtree at once (16 columns:
-15 nodes and a zero pad, a shape the CPU BLAS handles far better than 15). The walk inside the
-subtree is then a few gathers on a [T, 16] tensor. So x is read once per 4 levels instead of once
-per level, and no [T, D] gather of node rows is ever built. Logits are computed in float32.
+The walk computes the top levels densely (one matmul of x against the first 2**top - 1 nodes,
+padded to 2**top columns, a width the CPU BLAS runs far faster than 2**top - 1) and walks them with
+gathers on that small [T, 2**top] logit tensor. Below the top, each level needs one dot product per
+token with its own node's row: on the CPU a sampled dense-dense matmul (torch.sparse.sampled_addmm
+with one entry per token) computes exactly those dots without building a [T, D] tensor of gathered
+node rows; small batches and other devices gather the rows, which costs less at that size.
+
+`top` is picked per call (_dense_levels): the whole tree for a few tokens, where one small matmul
+beats a handful of per-level ops, down to 4 levels for large batches, where the dense matmul's
+work doubles with each level. Measured on the 2-core CPU machine, D=768 depth 8 float32, the
+previous walk (grouping tokens by 4-level subtree and a batched matmul per stage) against this one:
+T=4096 7.3 -> 4.0 ms, T=256 3.3 -> 1.0 ms, T=16 0.67 -> 0.55 ms. Logits are computed in float32.
 
 Leaf MLPs run through the grouped-GEMM family's fallback (grouped_gemm/fallback.py: leaf_mlp_torch).
 """
 from __future__ import annotations
 
-import functools
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .._backend import torch_activation
-from .._grouping import PaddedGroups
 from ..grouped_gemm.fallback import leaf_mlp_torch
 
-ROUTE_STAGE = 4
+#: tokens from which the CPU walk uses the sampled matmul for a level's gathered dots
+SAMPLED_DOT_MIN_TOKENS = 64
 
 
-#: below this many tokens the walk gathers each token's node row level by level (a few tiny ops per
-#: level), above it the staged subtree matmuls win
-SMALL_BATCH = 128
+def _dense_levels(tokens: int, levels: int) -> int:
+    """Levels computed by the dense top matmul: all of a small tree for a few tokens, 4 for large
+    batches (about T * 2**top <= 2**14, between 4 and 8 levels)."""
+    return min(levels, 8, max(4, int(math.log2(max(1, 2**14 // max(tokens, 1))))))
 
 
-@functools.lru_cache(maxsize=256)
-def _subtree_table(level: int, span: int, pad_index: int, device: torch.device) -> torch.Tensor:
-    """[2**level, 2**span] heap ids of the nodes of each subtree rooted at `level` (BFS order, last col = pad)."""
-    roots = torch.arange(2**level, device=device) + (2**level - 1)
-    cols = []
-    for j in range(span):
-        i = torch.arange(2**j, device=device)
-        cols.append((roots[:, None] + 1) * 2**j - 1 + i[None, :])
-    cols.append(torch.full((2**level, 1), pad_index, device=device, dtype=torch.int64))
-    return torch.cat(cols, dim=1)
+def _gathered_dot(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[T]: x[t] . weight[rows[t]] + bias[rows[t]], for float32 x [T, D], weight [N, D], rows [T] int64."""
+    t = x.shape[0]
+    if x.device.type == "cpu" and t >= SAMPLED_DOT_MIN_TOKENS:
+        values = x.new_zeros(t) if bias is None else bias.index_select(0, rows)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the op used here is stable
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(torch.arange(t + 1, device=x.device), rows, values,
+                                              size=(t, weight.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, x, weight.t()).values()
+    dot = (x * weight.index_select(0, rows)).sum(1)
+    return dot if bias is None else dot + bias.index_select(0, rows)
 
 
 def tree_walk_torch(x: torch.Tensor, node_weight: torch.Tensor, node_bias: torch.Tensor | None,
-                    levels: int, record_path: bool = False, stage: int = ROUTE_STAGE):
-    """Walk `levels` levels. Returns (final heap node [T] int64, path nodes [T, levels] | None, path logits | None)."""
+                    levels: int, record_path: bool = False, top: int | None = None):
+    """Walk `levels` levels. Returns (final heap node [T] int64, path nodes [T, levels] | None,
+    path logits [T, levels] float32 | None). `top`: levels computed densely (default: _dense_levels)."""
     t, d = x.shape
     dev = x.device
-    n_nodes = node_weight.shape[0]
-    xf = x.float()
-    w_ext = torch.cat([node_weight.float(), node_weight.new_zeros(1, d, dtype=torch.float32)])
-    b_ext = torch.zeros(n_nodes + 1, device=dev) if node_bias is None else torch.cat([node_bias.float(), node_bias.new_zeros(1, dtype=torch.float32)])
-    node = torch.zeros(t, dtype=torch.int64, device=dev)
+    xf, wf = x.float(), node_weight.float()
+    bf = None if node_bias is None else node_bias.float()
+    top = _dense_levels(t, levels) if top is None else min(top, levels)
     path_nodes = torch.empty(t, levels, dtype=torch.int64, device=dev) if record_path else None
     path_logits = torch.empty(t, levels, dtype=torch.float32, device=dev) if record_path else None
-    if t <= SMALL_BATCH:
-        for level in range(levels):
-            logit = (xf * node_weight.index_select(0, node).float()).sum(1)
-            if node_bias is not None:
-                logit += node_bias.index_select(0, node).float()
+    node = torch.zeros(t, 1, dtype=torch.int64, device=dev)
+    if top:
+        n_top = 2**top - 1  # the top subtree's nodes are heap ids 0 .. n_top - 1: column j is node j
+        w_top = torch.cat([wf[:n_top], wf.new_zeros(1, d)])
+        b_top = wf.new_zeros(n_top + 1) if bf is None else torch.cat([bf[:n_top], bf.new_zeros(1)])
+        top_logits = torch.addmm(b_top, xf, w_top.t())
+        for level in range(top):
+            logit = top_logits.gather(1, node)
             if record_path:
-                path_nodes[:, level], path_logits[:, level] = node, logit
+                path_nodes[:, level], path_logits[:, level] = node[:, 0], logit[:, 0]
             node = 2 * node + 1 + (logit >= 0)
-        return node, path_nodes, path_logits
-    level = 0
-    while level < levels:
-        span = min(stage, levels - level)
-        table = _subtree_table(level, span, n_nodes, dev)
-        if level == 0:
-            logits = torch.addmm(b_ext[table[0]], xf, w_ext.index_select(0, table[0]).T)
-        else:
-            groups = PaddedGroups.build(node - (2**level - 1), 2**level, row_bytes=d + 2**span,
-                                        group_bytes=d * 2**span)
-            ids = groups.per_tile(table)  # [tiles, 2**span]
-            w_tiles = w_ext.index_select(0, ids.reshape(-1)).view(*ids.shape, d)
-            tiles = torch.bmm(groups.pad(xf), w_tiles.transpose(1, 2)) + b_ext[ids][:, None, :]
-            logits = groups.unpad(tiles)
-        local = torch.zeros(t, 1, dtype=torch.int64, device=dev)  # BFS index inside the subtree
-        for j in range(span):
-            logit = logits.gather(1, local).squeeze(1)
-            if record_path:
-                path_nodes[:, level + j] = (node + 1) * 2**j - 1 + (local.squeeze(1) - (2**j - 1))
-                path_logits[:, level + j] = logit
-            local = 2 * local + 1 + (logit >= 0).unsqueeze(1)
-        node = (node + 1) * 2**span - 1 + (local.squeeze(1) - (2**span - 1))
-        level += span
+    node = node[:, 0]
+    for level in range(top, levels):
+        logit = _gathered_dot(xf, node, wf, bf)
+        if record_path:
+            path_nodes[:, level], path_logits[:, level] = node, logit
+        node = 2 * node + 1 + (logit >= 0)
     return node, path_nodes, path_logits
 
 
