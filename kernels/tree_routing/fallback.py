@@ -64,14 +64,17 @@ def tree_walk_torch(x: torch.Tensor, node_weight: torch.Tensor, node_bias: torch
     node = torch.zeros(t, 1, dtype=torch.int64, device=dev)
     if top:
         n_top = 2**top - 1  # the top subtree's nodes are heap ids 0 .. n_top - 1: column j is node j
-        w_top = torch.cat([wf[:n_top], wf.new_zeros(1, d)])
-        b_top = wf.new_zeros(n_top + 1) if bf is None else torch.cat([bf[:n_top], bf.new_zeros(1)])
-        top_logits = torch.addmm(b_top, xf, w_top.t())
+        w_top, b_top = wf[:n_top], None if bf is None else bf[:n_top]
+        if t >= SAMPLED_DOT_MIN_TOKENS:  # pad to 2**top columns (copying the rows costs more for a few tokens)
+            w_top = torch.cat([w_top, wf.new_zeros(1, d)])
+            b_top = None if bf is None else torch.cat([b_top, bf.new_zeros(1)])
+        top_logits = xf @ w_top.t() if b_top is None else torch.addmm(b_top, xf, w_top.t())
+        # every top node's successor at once (its right child where its logit >= 0): one gather a level
+        successor = (top_logits >= 0).long().add_(torch.arange(1, 2 * top_logits.shape[1], 2, device=dev))
         for level in range(top):
-            logit = top_logits.gather(1, node)
             if record_path:
-                path_nodes[:, level], path_logits[:, level] = node[:, 0], logit[:, 0]
-            node = 2 * node + 1 + (logit >= 0)
+                path_nodes[:, level], path_logits[:, level] = node[:, 0], top_logits.gather(1, node)[:, 0]
+            node = successor.gather(1, node)
     node = node[:, 0]
     for level in range(top, levels):
         logit = _gathered_dot(xf, node, wf, bf)
