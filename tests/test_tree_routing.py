@@ -139,6 +139,25 @@ def test_fff_forward_depth_12_decode_and_batch(backend, device):
         assert_close(y, ref.fff_forward_ref(*(np64(a) for a in (x, nw, nb, w1, b1, w2, b2)), "relu"), tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("t", [1, 63, 64, 200])  # below and from SAMPLED_DOT_MIN_TOKENS
+@pytest.mark.parametrize("top", [None, 0, 1, 3, 7])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_walk_every_split_of_dense_and_gathered_levels(t, top, bias):
+    """The torch walk: any number of densely computed top levels (None: its own choice), the rest by
+    per-token dot products (gathered rows or the sampled matmul), gives the reference's path and logits."""
+    from tritonlab.kernels.tree_routing.fallback import tree_walk_torch
+    depth, d = 7, 33
+    nw, nb = tree(depth, d, torch.float32, "cpu")
+    nb = nb if bias else None
+    x = separated_tokens(t, d, nw, nb, torch.float32, "cpu")
+    node, path, logits = tree_walk_torch(x, nw, nb, depth, record_path=True, top=top)
+    ref_path, ref_logits, ref_node = ref.tree_walk_ref(np64(x), np64(nw), None if nb is None else np64(nb), depth)
+    np.testing.assert_array_equal(node.numpy(), ref_node)
+    np.testing.assert_array_equal(path.numpy(), ref_path)
+    assert logits.dtype == torch.float32
+    np.testing.assert_allclose(logits.numpy(), ref_logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("depth,t", [(0, 1), (3, 29), (6, 70)])
 def test_fff_path_forward_matches_reference(backend, device, dtype, depth, t):
