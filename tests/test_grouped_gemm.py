@@ -80,6 +80,8 @@ LEAF_CASES = [  # t, k, g, d, h, o, activation, bias, rw, routing
     (40, 2, 64, 16, 8, 18, None, True, True, "sparse"),
     (30, 2, 6, 20, 16, 24, "swiglu", True, True, "uniform"),  # 60 slots: the direct (decode) plan
     (33, 2, 4, 20, 130, 17, "relu", True, True, "skew"),  # hidden too wide for the fused kernel: two launches
+    (25, 3, 7, 20, 16, 18, "gelu", True, False, "uniform"),  # k > 1 without route weights: plain sums
+    (30, 8, 65536, 8, 8, 12, "swiglu", True, True, "sparse"),  # FFF depth 16 leaves, k = 8
 ]
 
 
@@ -200,6 +202,28 @@ def test_fused_and_two_launch_leaf_paths_agree(device, monkeypatch, act):
     fused = ops.leaf_mlp_triton(x, idx, w1, b1, w2, b2, act, r)
     monkeypatch.setattr(ops, "FUSED_MAX_HIDDEN", 0)
     assert_close(ops.leaf_mlp_triton(x, idx, w1, b1, w2, b2, act, r), fused, tolerance(torch.float32))
+
+
+def test_cpu_forward_path_choice_for_fff_leaves(monkeypatch):
+    """The fallback's own choice for FFF leaves (D=768, G=256, H=16, uniform routing), as its
+    docstring states it: weights read in place up to T=1024, the padded layout from T=2048."""
+    from tritonlab.kernels.grouped_gemm import fallback
+    built = []
+
+    class Recorded(fallback.SlotLayout):
+        def __init__(self, *args, **kwargs):
+            built.append(True)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(fallback, "SlotLayout", Recorded)
+    for t, layout in [(1, False), (256, False), (1024, False), (2048, True), (4096, True)]:
+        built.clear()
+        x, idx, w1, b1, w2, b2, _ = leaf_inputs(t, 1, 256, 768, 16, 768, "relu", torch.float32, "cpu")
+        y = fallback.leaf_mlp_torch(x, idx, w1, b1, w2, b2, "relu")
+        assert bool(built) == layout, t
+        rows = torch.randperm(t)[:50]  # the float64 reference on a sample of the rows
+        assert_close(y[rows], ref.leaf_mlp_ref(np64(x[rows]), idx[rows].numpy(), np64(w1), np64(b1), np64(w2), np64(b2),
+                                               "relu"), tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("mode_cost", [-(10**12), 10**12], ids=["sorted", "padded"])

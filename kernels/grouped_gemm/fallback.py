@@ -1,4 +1,7 @@
-"""Torch fallbacks for the grouped GEMMs: vectorized batched matmuls, no Python loop over tokens or groups.
+"""Torch fallbacks for the grouped GEMMs: vectorized, no Python loop over tokens or groups.
+
+Two forward paths: the padded layout (batched matmuls) and, for small batches, the in-place path
+(embedding_bag); both are described below. Backward always uses the layout.
 
 Layout (`SlotLayout`). The slots (token t, choice j; slot s = t * k + j) are sorted by group and
 laid out as the rows of ONE padded buffer that batched matmuls (torch.bmm) consume:
@@ -25,18 +28,20 @@ large forward temporaries (gathered rows, second-GEMM output) live in per-thread
 across calls, since fresh pages fault on first touch (see _workspace).
 
 On the CPU, float16/bfloat16 inputs are computed in float32 (CPU half matmuls are slow and round
-the hidden layer); on CUDA in the input dtype (cuBLAS accumulates in float32). The layout reads the
-group counts on the host (a sync on CUDA; the Triton path has none).
+the hidden layer; the weights are converted whole, a copy per call); on CUDA in the input dtype
+(cuBLAS and embedding_bag accumulate in float32). Both paths read the group counts on the host
+once a batch is past the in-place path's fixed size (a sync on CUDA; the Triton path has none).
 
 Backward uses the same layout and closed-form gradients (see the *_backward_torch functions).
 
 Small batches skip the layout (the in-place path): each slot's rows are multiplied by its own
 group's weights read where they lie, through embedding_bag (sum mode, per-sample weights): row s
 of a [M, K] times w[g] [K, N] is the sum of the K rows of w viewed as [G*K, N] picked by
-g*K + 0..K-1, weighted by a[s]. Nothing is sorted, padded or copied, and the second layer's bags
+g*K + 0..K-1, weighted by a[s]. Nothing is sorted or padded, the weights are not gathered, and
+the second layer's bags
 gather a token's k slots at once (its route weights folded into the per-sample weights), so its
 output comes out summed and in token order. It reads every slot's weights once, where the layout
-reads each group's weights once, so it wins while tokens per group are few: _in_place_is_cheaper
+reads each group's weights once, so it wins while tokens per group are few: _layout_counts
 compares the two by the same element-unit costs. Measured on the 2-core CPU machine, leaf_mlp
 D=768 G=256 H=16 float32 (layout or the previous per-slot weight copies, against in place):
 T=64 0.83 -> 0.58 ms, T=256 4.3 -> 1.9 ms; at T=4096 the layout stays (11 ms against 16).
@@ -124,6 +129,12 @@ def _grouped_mm_works() -> bool:
         return False
 
 
+def group_counts(indices: Tensor, num_groups: int) -> tuple[Tensor, np.ndarray]:
+    """Slots per group: (int64 [G] on indices' device, the same on the host; a sync on CUDA)."""
+    counts = torch.bincount(indices.reshape(-1).to(torch.int64), minlength=num_groups)
+    return counts, counts.cpu().numpy()
+
+
 class SlotLayout:
     """The grouped layout of the slots of `indices` [T, k] over `num_groups` groups.
 
@@ -136,13 +147,12 @@ class SlotLayout:
     """
 
     def __init__(self, indices: Tensor, num_groups: int, row_cost: int, group_cost: int, widths: tuple[int, ...] = (),
-                 matmuls: int = 1):
+                 matmuls: int = 1, counts: Optional[tuple[Tensor, np.ndarray]] = None):
         t, k = indices.shape
         m, g = t * k, num_groups
         dev = indices.device
         ids = indices.reshape(-1).to(torch.int64)
-        counts = torch.bincount(ids, minlength=g)
-        counts_host = counts.cpu().numpy()
+        counts, counts_host = group_counts(indices, g) if counts is None else counts
         pad_cost, cap, tile = _choose_padded(counts_host, row_cost, group_cost)
         self.sorted_mode = False
         if dev.type == "cpu" and widths and all(w % 4 == 0 for w in widths) and _grouped_mm_works():
@@ -322,7 +332,8 @@ def hidden_backward(dh: Tensor, u: Tensor, name: Optional[str]) -> Tensor:
 
 
 def _flat_indices(indices: Tensor) -> Tensor:
-    return indices.reshape(indices.shape[0], -1)
+    """[T] or [T, k] -> [T, k]."""
+    return indices.unsqueeze(1) if indices.dim() == 1 else indices
 
 
 #: the in-place path's cost per weight element it reads, in _row_cost's element units (fitted on
@@ -332,22 +343,26 @@ _IN_PLACE_ELEMENT_COST = 0.5
 _LAYOUT_OVERHEAD = 1_500_000
 
 
-def _in_place_is_cheaper(indices: Tensor, num_groups: int, matrix_elements: int, row_cost: int,
-                         group_cost: int) -> bool:
-    """Whether the in-place path (module docstring) costs less than the padded layout here.
-    matrix_elements: weight elements one slot reads (all layers); row_cost/group_cost as SlotLayout."""
-    in_place = indices.numel() * matrix_elements * _IN_PLACE_ELEMENT_COST
+def _layout_counts(indices: Tensor, num_groups: int, row_cost: int, group_cost: int):
+    """None when the in-place path (module docstring) costs less than the padded layout here, else
+    the group counts for SlotLayout (counted once). group_cost: the weight elements of one group
+    (all layers), which is also what the in-place path reads per slot; row_cost as SlotLayout."""
+    in_place = indices.numel() * group_cost * _IN_PLACE_ELEMENT_COST
     if in_place <= _LAYOUT_OVERHEAD:
-        return True
-    counts = torch.bincount(indices.reshape(-1).to(torch.int64), minlength=num_groups).cpu().numpy()
-    return in_place < _choose_padded(counts, row_cost, group_cost)[0] + _LAYOUT_OVERHEAD
+        return None
+    counts = group_counts(indices, num_groups)
+    return None if in_place < _choose_padded(counts[1], row_cost, group_cost)[0] + _LAYOUT_OVERHEAD else counts
+
+
+def _bag_rows(ids: Tensor, width: int) -> Tensor:
+    """[M, width] row ids g * width + 0..width-1 of group g = ids[s] in a [G * width, N] table."""
+    return ids[:, None] * width + torch.arange(width, device=ids.device)
 
 
 def _times_group_matrix(a: Tensor, w: Tensor, ids: Tensor) -> Tensor:
     """[M, N]: row s of a [M, K] times its group's matrix w[ids[s]] (w [G, K, N], read in place)."""
     g, kdim, n = w.shape
-    bags = ids[:, None] * kdim + torch.arange(kdim, device=a.device)
-    return F.embedding_bag(bags, w.reshape(g * kdim, n), per_sample_weights=a, mode="sum")
+    return F.embedding_bag(_bag_rows(ids, kdim), w.reshape(g * kdim, n), per_sample_weights=a, mode="sum")
 
 
 def _in_place_output_layer(hidden: Tensor, w2: Tensor, b2: Optional[Tensor], indices: Tensor,
@@ -359,8 +374,8 @@ def _in_place_output_layer(hidden: Tensor, w2: Tensor, b2: Optional[Tensor], ind
     ids = indices.reshape(-1)
     rw = None if route_weights is None else route_weights.reshape(t * k, 1).to(hidden.dtype)
     psw = hidden if rw is None else hidden * rw
-    bags = (ids[:, None] * h + torch.arange(h, device=ids.device)).view(t, k * h)
-    y = F.embedding_bag(bags, w2.reshape(g * h, o), per_sample_weights=psw.reshape(t, k * h), mode="sum")
+    y = F.embedding_bag(_bag_rows(ids, h).view(t, k * h), w2.reshape(g * h, o),
+                        per_sample_weights=psw.reshape(t, k * h), mode="sum")
     if b2 is not None:
         y += F.embedding_bag(indices, b2, per_sample_weights=None if rw is None else rw.view(t, k), mode="sum")
     return y
@@ -388,14 +403,15 @@ def gather_matmul_scatter_torch(x: Tensor, weight: Tensor, indices: Tensor, bias
     cdt = compute_dtype(x)
     _, d, n = weight.shape
     row_cost, group_cost = _row_cost(d + 2 * n, 2 * d * n), d * n
-    if _in_place_is_cheaper(indices, weight.shape[0], d * n, row_cost, group_cost):
+    counts = _layout_counts(indices, weight.shape[0], row_cost, group_cost)
+    if counts is None:
         t, k = indices.shape
         ids = indices.reshape(-1).to(torch.int64)
         z = _times_group_matrix(_slot_rows(x.to(cdt), k), weight.to(cdt), ids)
         if bias is not None:
             z += bias.to(cdt).index_select(0, ids)
         return _sum_slots(hidden_forward(z, activation, inplace=True), t, k, route_weights).to(x.dtype)
-    lay = SlotLayout(indices, weight.shape[0], row_cost=row_cost, group_cost=group_cost, widths=(d, n))
+    lay = SlotLayout(indices, weight.shape[0], row_cost=row_cost, group_cost=group_cost, widths=(d, n), counts=counts)
     z = lay.gemm(lay.gather(x, "a").to(cdt), weight.to(cdt), workspace="out")
     if bias is not None:
         lay.add_bias_(z, bias.to(cdt))
@@ -446,7 +462,8 @@ def leaf_mlp_torch(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
     g, d, h1 = w1.shape
     h, o = w2.shape[1], w2.shape[2]
     row_cost, group_cost = _row_cost(d + 2 * h1 + o, 2 * (d * h1 + h * o)), d * h1 + h * o
-    if _in_place_is_cheaper(indices, g, d * h1 + h * o, row_cost, group_cost):
+    counts = _layout_counts(indices, g, row_cost, group_cost)
+    if counts is None:
         indices = indices.to(torch.int64)
         ids = indices.reshape(-1)
         u = _times_group_matrix(_slot_rows(x.to(cdt), indices.shape[1]), w1.to(cdt), ids)
@@ -455,7 +472,8 @@ def leaf_mlp_torch(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor],
         hidden = hidden_forward(u, activation, inplace=True)
         return _in_place_output_layer(hidden, w2.to(cdt), None if b2 is None else b2.to(cdt), indices,
                                       route_weights).to(x.dtype)
-    lay = SlotLayout(indices, g, row_cost=row_cost, group_cost=group_cost, widths=(d, h1, h, o), matmuls=2)
+    lay = SlotLayout(indices, g, row_cost=row_cost, group_cost=group_cost, widths=(d, h1, h, o), matmuls=2,
+                     counts=counts)
     u = lay.gemm(lay.gather(x, "a").to(cdt), w1.to(cdt))
     if b1 is not None:
         lay.add_bias_(u, b1.to(cdt))

@@ -1,22 +1,24 @@
 """Torch fallbacks for tree routing: vectorized, no Python loop over tokens or leaves.
 
-The walk computes the top levels densely (one matmul of x against the first 2**top - 1 nodes,
-padded to 2**top columns, a width the CPU BLAS runs far faster than 2**top - 1) and walks them with
-gathers on that small [T, 2**top] logit tensor. Below the top, each level needs one dot product per
-token with its own node's row: on the CPU a sampled dense-dense matmul (torch.sparse.sampled_addmm
-with one entry per token) computes exactly those dots without building a [T, D] tensor of gathered
-node rows; small batches and other devices gather the rows, which costs less at that size.
+The walk computes the top levels densely (one matmul of x against the first 2**top - 1 nodes;
+for 64 tokens or more padded to 2**top columns, a width the CPU BLAS runs far faster than
+2**top - 1) and walks them through a successor table (each top node's next node given its logit's
+sign): one gather a level. Below the top, each level needs one dot product per token with its own
+node's row: on the CPU a sampled dense-dense matmul (torch.sparse.sampled_addmm with one entry per
+token) computes exactly those dots without building a [T, D] tensor of gathered node rows; small
+batches and other devices gather the rows, which costs less at that size.
 
 `top` is picked per call (_dense_levels): the whole tree for a few tokens, where one small matmul
 beats a handful of per-level ops, down to 4 levels for large batches, where the dense matmul's
 work doubles with each level. Measured on the 2-core CPU machine, D=768 depth 8 float32, the
 previous walk (grouping tokens by 4-level subtree and a batched matmul per stage) against this one:
-T=4096 7.3 -> 4.0 ms, T=256 3.3 -> 1.0 ms, T=16 0.67 -> 0.55 ms. Logits are computed in float32.
+T=4096 7.3 -> 4.0 ms, T=256 3.3 -> 1.0 ms, T=1 0.58 -> 0.43 ms. Logits are computed in float32.
 
 Leaf MLPs run through the grouped-GEMM family's fallback (grouped_gemm/fallback.py: leaf_mlp_torch).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -26,8 +28,18 @@ import torch.nn.functional as F
 from .._backend import torch_activation
 from ..grouped_gemm.fallback import leaf_mlp_torch
 
-#: tokens from which the CPU walk uses the sampled matmul for a level's gathered dots
+#: tokens from which the CPU walk uses the sampled matmul for a level's gathered dots, and pads the
+#: dense top matmul to a power-of-two width (below it, copying the node rows costs more than it saves)
 SAMPLED_DOT_MIN_TOKENS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_sparse_beta_warning() -> None:
+    """torch warns once per process that sparse CSR tensors are in beta (the ops used here are
+    stable): raise that warning here, once, with warnings silenced, instead of filtering every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.sparse_csr_tensor(torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64), torch.tensor([]), size=(1, 1))
 
 
 def _dense_levels(tokens: int, levels: int) -> int:
@@ -41,10 +53,9 @@ def _gathered_dot(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bia
     t = x.shape[0]
     if x.device.type == "cpu" and t >= SAMPLED_DOT_MIN_TOKENS:
         values = x.new_zeros(t) if bias is None else bias.index_select(0, rows)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the op used here is stable
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(torch.arange(t + 1, device=x.device), rows, values,
-                                              size=(t, weight.shape[0]), check_invariants=False)
+        _quiet_sparse_beta_warning()
+        pattern = torch.sparse_csr_tensor(torch.arange(t + 1, device=x.device), rows, values,
+                                          size=(t, weight.shape[0]), check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, x, weight.t()).values()
     dot = (x * weight.index_select(0, rows)).sum(1)
     return dot if bias is None else dot + bias.index_select(0, rows)
