@@ -29,23 +29,28 @@ def quantize_torch(x: torch.Tensor, qname: str, granularity: str) -> tuple[torch
     """x [M, N] (M, N >= 1) -> (q [M, N], scale [M, 1] | [1, N] | 0-d float32)."""
     qmax = QMAX[qname]
     xf = x.float()
+    # max |x| as max(max x, -min x): two reads of x and no |x| temporary; both propagate NaN
     if granularity == "row":
-        amax = xf.abs().amax(dim=1, keepdim=True)
+        amax = torch.maximum(xf.amax(dim=1, keepdim=True), xf.amin(dim=1, keepdim=True).neg_())
     elif granularity == "column":
-        amax = xf.abs().amax(dim=0, keepdim=True)
+        amax = torch.maximum(xf.amax(dim=0, keepdim=True), xf.amin(dim=0, keepdim=True).neg_())
     else:
-        amax = xf.abs().amax()
+        amax = torch.maximum(xf.amax(), xf.amin().neg_())
     # A tensor divisor, not the Python float: CUDA torch turns division by a host scalar into a
     # multiplication by its reciprocal, which is off by one ulp for some amax (seen on an H100).
     scale = amax / torch.full((), qmax, device=amax.device)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    v = xf * (1.0 / scale)
-    v = torch.nan_to_num(v, nan=0.0, posinf=qmax, neginf=-qmax).clamp_(-qmax, qmax)
+    # one float32 buffer, updated in place (x's own conversion when it was not float32 already)
+    inv = 1.0 / scale
+    v = xf.mul_(inv) if xf is not x else xf * inv
+    # NaN or inf reach v only through a non-finite scale or reciprocal (a row holding NaN or inf, or
+    # a denormal amax): on the CPU a look at the few scales skips that full pass when none is
+    if x.device.type != "cpu" or not bool(torch.isfinite(scale).all() & torch.isfinite(inv).all()):
+        v.nan_to_num_(nan=0.0, posinf=qmax, neginf=-qmax)
+    v.clamp_(-qmax, qmax)
     if qname == "int8":
-        q = torch.round(v).to(torch.int8)
-    else:
-        q = v.to(QDTYPE[qname])
-    return q, scale
+        return v.round_().to(torch.int8), scale
+    return v.to(QDTYPE[qname]), scale
 
 
 def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
