@@ -343,7 +343,8 @@ _IN_PLACE_ELEMENT_COST = 0.5
 _LAYOUT_OVERHEAD = 1_500_000
 
 
-def _layout_counts(indices: Tensor, num_groups: int, row_cost: int, group_cost: int):
+def _layout_counts(indices: Tensor, num_groups: int, row_cost: int,
+                   group_cost: int) -> Optional[tuple[Tensor, np.ndarray]]:
     """None when the in-place path (module docstring) costs less than the padded layout here, else
     the group counts for SlotLayout (counted once). group_cost: the weight elements of one group
     (all layers), which is also what the in-place path reads per slot; row_cost as SlotLayout."""
