@@ -132,6 +132,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids. Not triton.cdiv: in Triton 3.9 that is a ConstexprFunction,
+    about 5 us per host call, paid by every launch."""
+    return -(-a // b)
+
+
 # Tests set this (tritonlab.kernels._backend.POISON_OUTPUTS = True) so that every launcher allocates
 # its outputs filled with NaN (floats) or the dtype's most negative value (ints: never a valid leaf,
 # index or int8 quantized value): an element a kernel forgets to write then fails the reference check

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .._accuracy import TF32_TOLERANCE, rel_error, tolerance
-from .._backend import FLOAT_DTYPES, check_same_device, dispatch, new_output, resolve_backend
+from .._backend import FLOAT_DTYPES, cdiv, check_same_device, dispatch, new_output, resolve_backend
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, plans, reference
@@ -213,10 +213,6 @@ def _fnet_space(shape) -> list[dict]:
 
 # ----------------------------------------------------------------------------- Triton launchers
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
 def _grid(*dims: int) -> tuple[int, ...]:
     """A launch grid checked against CUDA's limits: a ValueError naming the dim, not a failed launch."""
     for axis, n in enumerate(dims):
@@ -287,7 +283,7 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         b1 = min(b, b0 + step)
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
         xs, ys = xk[b0:b1], yk[b0:b1]
-        fused_conv_kernel[_grid(_cdiv(d, cfg["BLOCK_D"]), _cdiv(b1 - b0, rows))](
+        fused_conv_kernel[_grid(cdiv(d, cfg["BLOCK_D"]), cdiv(b1 - b0, rows))](
             xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, *xs.stride(), *ys.stride(),
             skb, N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, MODE=plan.mode, BLOCK_D=cfg["BLOCK_D"],
             ROWS=rows, PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"])
@@ -320,13 +316,13 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         nb = b1 - b0
         xs, ys = x[b0:b1], y[b0:b1]
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
-        grid = _grid(_cdiv(cols, bc), _cdiv(n1, bk), nb)
+        grid = _grid(cdiv(cols, bc), cdiv(n1, bk), nb)
         dft_gemm_kernel[grid](
             xs, xs, ar, ai, circ1, circm, n1, cols, s, n2, d, m,
             xs.stride(0), 0, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=False, COMPLEX_OUT=True, IN_MODE=plan.mode, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
-        split_rows_kernel[_grid(_cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
+        split_rows_kernel[_grid(cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
             ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0,
             P2=plan.P2, FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"], PRECISION=prec, num_warps=nw)
         dft_gemm_kernel[grid](
@@ -369,7 +365,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         block = max(plan.min_block, min(block, plan.max_block))
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
-            dft_axis_kernel[_grid(_cdiv(cols, block), nb)](
+            dft_axis_kernel[_grid(cdiv(cols, block), nb)](
                 xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
                 f1, f2, tw, cols, *x_strides, *y_strides,
                 N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out,
@@ -380,7 +376,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         circ = plans.unit_circle(length, dev)
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
-            dft_gemm_kernel[_grid(_cdiv(cols, bc), _cdiv(length, bk), nb)](
+            dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(length, bk), nb)](
                 xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
                 circ, circ, length, cols, 1, 1, 1, 1, *x_strides, *y_strides,
                 SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=False,
@@ -400,12 +396,12 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
     for b0 in range(0, batch, chunk):
         nb = min(batch, b0 + chunk) - b0
         xo, yo = b0 * x_strides[0], b0 * y_strides[0]
-        dft_gemm_kernel[_grid(_cdiv(width, bc), _cdiv(n1, bk), nb)](
+        dft_gemm_kernel[_grid(cdiv(width, bc), cdiv(n1, bk), nb)](
             xr[xo:], xi[xo:], ar, ai, circ1, circm, n1, width, 1, n2, cols, m,
             x_strides[0], width, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=True, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
-        split_rows_kernel[_grid(_cdiv(cols, rd), n1, nb)](
+        split_rows_kernel[_grid(cdiv(cols, rd), n1, nb)](
             ar, ai, ar, ai, f2, circm, yr[yo:], yi[yo:], n1, n2, cols, m, ar.stride(0), 0, y_strides[0], cols,
             P2=plan.P2, FILTER=False, COMPLEX_OUT=complex_out, NEED_IMAG=complex_out, BLOCK_D=rd, PRECISION=prec, num_warps=nw)
 

@@ -33,18 +33,13 @@ from typing import Optional
 
 import torch
 
-from .._backend import next_pow2
-from .._triton import triton
+from .._backend import cdiv, next_pow2
 from .triton_kernels import group_count_kernel, group_plan_kernel, group_scatter_kernel
 
 
 #: largest slot count (T*k) and group count for the direct (sort-free) forward plan
 DIRECT_MAX_SLOTS = 64
 DIRECT_MAX_GROUPS = 1024
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 #: group counts up to this use the per-block one-hot counts (one atomic per group and block)
@@ -132,7 +127,7 @@ class CountedGrouping:
         self.ids = indices.reshape(-1)
         dev = indices.device
         small = next_pow2(num_groups) if num_groups <= SMALL_GROUPS else 0
-        grid = (triton.cdiv(m, self._BLOCK),)
+        grid = (cdiv(m, self._BLOCK),)
         counted = state is not None
         if state is None:
             state = self.new_state(num_groups, dev)
@@ -154,7 +149,7 @@ class CountedGrouping:
         tile_group = torch.empty(n, dtype=torch.int32, device=self.counts.device)
         tile_row = torch.empty(n, dtype=torch.int32, device=self.counts.device)
         block_g = min(1024, max(16, next_pow2(self.num_groups)))
-        group_plan_kernel[(triton.cdiv(self.num_groups, block_g),)](
+        group_plan_kernel[(cdiv(self.num_groups, block_g),)](
             self.counts, self.offsets, tile_group, tile_row, self.num_groups, n,
             WRITE_OFFSETS=write_offsets, BLOCK_M=block_m, BLOCK_G=block_g)
         self._tiles[block_m] = (tile_group, tile_row)

@@ -22,9 +22,9 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (INDEX_DTYPES, check_activation, check_optional, check_same_device, check_same_dtype,
-                        check_tensor, dispatch, flatten_tokens, new_output, next_pow2,
+                        check_tensor, cdiv, dispatch, flatten_tokens, new_output, next_pow2,
                         resolve_backend)
-from .._triton import ACTIVATION_CODES, interpreting, triton
+from .._triton import ACTIVATION_CODES, interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
 from .fallback import activation_and_grad, hidden_backward, hidden_forward
@@ -225,7 +225,7 @@ def _gemm(grouping: DeviceGrouping, a: Tensor, w: Tensor, *, gather_a: bool, sca
     else:
         tile_group, tile_row = grouping.tiles(cfg["BLOCK_M"])
         sorted_slot, offsets, rows_grid = grouping.sorted_slot, grouping.offsets, tile_group.shape[0]
-    grid = (rows_grid * triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (rows_grid * cdiv(n, cfg["BLOCK_N"]),)
     grouped_gemm_kernel[grid](
         a, w, a if bias is None else bias, a if rw is None else rw, out,
         sorted_slot, tile_group, tile_row, offsets, grouping.ids,
@@ -272,7 +272,7 @@ def _slot_sum(buf: Tensor, t: int, k: int, out_dtype: torch.dtype, config: Optio
     n = buf.shape[1]
     out = new_output((t, n), out_dtype, buf.device)
     cfg = config or lookup_config("grouped_slot_sum", {"T": t, "k": k, "N": n}, buf.dtype, buf.device)
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (cdiv(t, cfg["BLOCK_T"]), cdiv(n, cfg["BLOCK_N"]))
     slot_sum_kernel[grid](buf, out, t, n, buf.stride(0), out.stride(0), TOPK=k,
                           BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     return out
@@ -298,7 +298,7 @@ def _wgrad(grouping: DeviceGrouping, a: Tensor, b: Tensor, *, gather_a: bool, ga
     db = alloc((g, nb), b_dtype or b.dtype) if with_bias else None
     shape = {"T": grouping.num_tokens, "k": grouping.topk, "G": g, "D": da, "N": nb}
     cfg = config or lookup_config("grouped_wgrad", shape, a.dtype, a.device)
-    blocks_d, blocks_n = triton.cdiv(da, cfg["BLOCK_D"]), triton.cdiv(nb, cfg["BLOCK_N"])
+    blocks_d, blocks_n = cdiv(da, cfg["BLOCK_D"]), cdiv(nb, cfg["BLOCK_N"])
     launched = grouping.nonempty_groups().shape[0] if compact else g
     grouped_wgrad_kernel[(launched * blocks_d * blocks_n,)](
         a, b, a if rw is None else rw, dw, dw if db is None else db,

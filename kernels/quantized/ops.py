@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (FLOAT_DTYPES, check_activation, check_same_device, check_tensor, new_output, next_pow2,
-                        resolve_backend)
-from .._triton import interpreting, triton
+from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, new_output,
+                        next_pow2, resolve_backend)
+from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
 from .fallback import QDTYPE, QMAX
@@ -179,19 +179,19 @@ def _quantize_triton(x: torch.Tensor, qname: str, granularity: str, config: Opti
     if granularity == "row":
         scale = new_output((m, 1), torch.float32, x.device)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        quantize_rows_kernel[(triton.cdiv(m, bm),)](
+        quantize_rows_kernel[(cdiv(m, bm),)](
             x, q, scale, m, n, x.stride(0), q.stride(0), **consts,
             BLOCK_M=bm, BLOCK_N=bn, SINGLE_PASS=bn >= n, num_warps=cfg["num_warps"])
     elif granularity == "column":
         scale = new_output((1, n), torch.float32, x.device)
-        quantize_cols_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        quantize_cols_kernel[(cdiv(n, cfg["BLOCK_N"]),)](
             x, q, scale, m, n, x.stride(0), q.stride(0), **consts,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     else:
         numel = m * n
         scale = new_output((), torch.float32, x.device)
         amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)  # device word, no host sync
-        grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+        grid = (cdiv(numel, cfg["BLOCK"]),)
         tensor_amax_kernel[grid](x, amax_bits, numel, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
         quantize_tensor_kernel[grid](x, q, scale, amax_bits, numel, **consts, BLOCK=cfg["BLOCK"],
                                      num_warps=cfg["num_warps"])
@@ -256,7 +256,7 @@ def _scaled_mm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: 
     load_bits = not is_int8 and interpreting()
     a_arg, b_arg = (a.view(torch.uint8), b.view(torch.uint8)) if load_bits else (a, b)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid = (cdiv(m, bm) * cdiv(n, bn),)
     scaled_mm_kernel[grid](
         a_arg, b_arg, a_s, b_s, a_s if bias is None else bias, c, c_scale, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),

@@ -15,8 +15,9 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (check_activation, check_optional, check_same_device, check_same_dtype,
-                        check_tensor, dispatch, flatten_tokens, new_output, next_pow2, resolve_backend)
-from .._triton import interpreting, triton
+                        check_tensor, cdiv, dispatch, flatten_tokens, new_output, next_pow2,
+                        resolve_backend)
+from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from ..grouped_gemm.grouping import CountedGrouping
 from ..grouped_gemm.ops import leaf_mlp_triton
@@ -103,7 +104,7 @@ def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, confi
     leaf = new_output((t,), torch.int32, x.device) if store_leaf else x
     path_nodes = new_output((t, levels), torch.int32, x.device) if store_path else x
     path_logits = new_output((t, levels), torch.float32, x.device) if store_path else x
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]),)
+    grid = (cdiv(t, cfg["BLOCK_T"]),)
     tree_walk_kernel[grid](
         x, w, w if b is None else b, leaf, path_nodes, path_logits, leaf if leaf_counts is None else leaf_counts,
         t, d, x.stride(0), w.stride(0),
@@ -149,7 +150,7 @@ def _fff_fused_triton(x, nw, nb, w1, b1, w2, b2, activation, cfg: dict):
     h, o = w1.shape[2], w2.shape[2]
     y = new_output((t, o), x.dtype, x.device)
     leaf = new_output((t,), torch.int32, x.device)
-    grid = (t, triton.cdiv(o, cfg["BLOCK_O"]))
+    grid = (t, cdiv(o, cfg["BLOCK_O"]))
     fff_fused_kernel[grid](
         x, nw, x if nb is None else nb, w1, x if b1 is None else b1, w2, x if b2 is None else b2, y, leaf,
         d, h, o, x.stride(0), nw.stride(0), y.stride(0),
@@ -166,7 +167,7 @@ def _path_forward_triton(x, w_in, w_out, b_in, activation):
     _, nodes, logits = _walk_triton(x, w_in, b_in, levels, store_leaf=False, store_path=True)
     y = new_output((t, o), x.dtype, x.device)
     block_t, block_o = 16, max(16, min(128, next_pow2(o)))
-    grid = (triton.cdiv(t, block_t), triton.cdiv(o, block_o))
+    grid = (cdiv(t, block_t), cdiv(o, block_o))
     path_accumulate_kernel[grid](nodes, logits, w_out, y, t, o, w_out.stride(0), y.stride(0),
                                  LEVELS=levels, ACT=check_activation(activation),
                                  BLOCK_T=block_t, BLOCK_O=block_o, num_warps=4)
