@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .._backend import torch_activation
 
@@ -82,13 +83,20 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def epilogue_torch(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                    bias: Optional[torch.Tensor], activation: Optional[str], out_dtype: torch.dtype) -> torch.Tensor:
-    """acc [M, N]; a_scale [M] or [1], b_scale [N] or [1] float32; bias [N] or None."""
+    """acc [M, N]; a_scale [M] or [1], b_scale [N] or [1] float32; bias [N] or None.
+
+    acc is consumed: a float32 acc is scaled in place (the caller's fresh matmul result; a new
+    [M, N] buffer per step costs a page fault per 4 KB on the CPU)."""
     y = acc.float() if acc.dtype != torch.float32 else acc
-    y = y * a_scale.reshape(-1, 1)
-    y.mul_(b_scale.reshape(1, -1))
+    y.mul_(a_scale.reshape(-1, 1)).mul_(b_scale.reshape(1, -1))
     if bias is not None:
         y.add_(bias.float())
-    y = torch_activation(y, activation)
+    if activation == "relu":
+        y.relu_()
+    elif activation == "silu":
+        F.silu(y, inplace=True)
+    else:
+        y = torch_activation(y, activation)
     return y.to(out_dtype)
 
 
