@@ -25,7 +25,7 @@ On the CPU a second, unpadded mode exists (SlotLayout's sorted mode: torch._grou
 slots sorted by group, one BLAS call per group), chosen by the same cost count when padding would
 cost more than the per-group calls; measured here it rarely wins with 2 BLAS threads. The two
 large forward temporaries (gathered rows, second-GEMM output) live in per-thread workspaces reused
-across calls, since fresh pages fault on first touch (see _workspace).
+across calls, since fresh pages fault on first touch (see _backend.cpu_workspace).
 
 On the CPU, float16/bfloat16 inputs are computed in float32 (CPU half matmuls are slow and round
 the hidden layer; the weights are converted whole, a copy per call); on CUDA in the input dtype
@@ -48,15 +48,13 @@ T=64 0.83 -> 0.58 ms, T=256 4.3 -> 1.9 ms; at T=4096 the layout stays (11 ms aga
 from __future__ import annotations
 
 import functools
-import math
-import threading
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._backend import torch_activation
+from .._backend import cpu_workspace, torch_activation
 
 Tensor = torch.Tensor
 
@@ -73,25 +71,6 @@ _FLOPS_PER_ELEMENT = 20
 def _row_cost(elements: int, flops: int) -> int:
     """Cost of one padded row, in element units: its bytes moved plus its matmul work."""
     return elements + flops // _FLOPS_PER_ELEMENT
-
-
-#: CPU temporaries up to this many bytes are kept between calls (see _workspace)
-_WORKSPACE_MAX_BYTES = 64 << 20
-_workspace_cache = threading.local()
-
-
-def _workspace(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialized CPU buffer reused across calls (per thread and slot) for temporaries that
-    never leave a function: fresh pages cost a fault each on first touch (measured ~2 us per 4 KB
-    page on this VM, ~2000 faults a call at T = 4096), more than the work on them."""
-    numel = math.prod(shape)
-    if device.type != "cpu" or numel * torch.empty((), dtype=dtype).element_size() > _WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    cache = _workspace_cache.__dict__.setdefault("buffers", {})
-    buf = cache.get((slot, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = cache[(slot, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(shape)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -197,7 +176,7 @@ class SlotLayout:
         With `workspace`, the result lives in that reusable buffer (it must not leave the caller)."""
         if workspace is None:
             return x.index_select(0, self.src_token)
-        out = _workspace(workspace, (self.rows, x.shape[1]), x.dtype, x.device)
+        out = cpu_workspace(workspace, (self.rows, x.shape[1]), x.dtype, x.device)
         return torch.index_select(x, 0, self.src_token, out=out)
 
     def slot_values(self, values: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -237,7 +216,7 @@ class SlotLayout:
             return torch._grouped_mm(a, w, offs=self.offs)
         shape = (self.rows + extra_rows, w.shape[2])
         out = (torch.empty(shape, dtype=a.dtype, device=a.device) if workspace is None
-               else _workspace(workspace, shape, a.dtype, a.device))
+               else cpu_workspace(workspace, shape, a.dtype, a.device))
         (ad, at), (od, ot) = self._parts(a), self._parts(out)
         if ad is not None:
             torch.bmm(ad, w, out=od)

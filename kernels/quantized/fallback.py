@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import torch_activation
+from .._backend import cpu_workspace, torch_activation
 
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 QDTYPE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -26,6 +26,7 @@ QDTYPE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch
 EXACT_K_CHUNK = 1024
 
 
+@torch.no_grad()  # rounding has no gradient; the in-place steps need no autograd record
 def quantize_torch(x: torch.Tensor, qname: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, N] (M, N >= 1) -> (q [M, N], scale [M, 1] | [1, N] | 0-d float32)."""
     qmax = QMAX[qname]
@@ -41,9 +42,10 @@ def quantize_torch(x: torch.Tensor, qname: str, granularity: str) -> tuple[torch
     # multiplication by its reciprocal, which is off by one ulp for some amax (seen on an H100).
     scale = amax / torch.full((), qmax, device=amax.device)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    # one float32 buffer, updated in place (x's own conversion when it was not float32 already)
+    # one float32 buffer, updated in place: x's own conversion when it was not float32 already,
+    # else a reused CPU workspace (q is what leaves)
     inv = 1.0 / scale
-    v = xf.mul_(inv) if xf is not x else xf * inv
+    v = xf.mul_(inv) if xf is not x else torch.mul(xf, inv, out=cpu_workspace("quantize", xf.shape, xf.dtype, xf.device))
     # NaN or inf reach v only through a non-finite scale or reciprocal (a row holding NaN or inf, or
     # a denormal amax): on the CPU a look at the few scales skips that full pass when none is
     if x.device.type != "cpu" or not bool(torch.isfinite(scale).all() & torch.isfinite(inv).all()):
