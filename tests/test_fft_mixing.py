@@ -17,7 +17,7 @@ from tritonlab.kernels._tuning import registered
 from tritonlab.kernels._triton import HAS_TRITON, jit, tl
 from tritonlab.kernels.fft_mixing.triton_kernels import _conv_address, _offsets
 
-from helpers import DTYPES, assert_close, np64, rand, rel_error, tolerance
+from helpers import DTYPES, assert_close, np64, rand, tolerance
 
 SEQ_LENS = [1, 2, 3, 5, 8, 12, 17, 48, 100]
 #: float32 gradients (fp32 forward and backward, compared with float64)
