@@ -74,6 +74,17 @@ def _rows_to_t(t, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
 
 
 @jit
+def _twiddle_to_rows(ar, ai, tw_ptr, toff, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
+    """The four-step middle: (ar + i ai) [P1, P2 * BD] times the twiddles at toff (the table holds
+    the P1 * P2 real parts, then the imaginary parts), returned in the row layout of _to_rows."""
+    twr = tl.load(tw_ptr + toff)
+    twi = tl.load(tw_ptr + P1 * P2 + toff)
+    tr = ar * twr - ai * twi
+    ti = ar * twi + ai * twr
+    return _to_rows(tr, P1, P2, BD), _to_rows(ti, P1, P2, BD)
+
+
+@jit
 def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
                       B, S, D, stride_xb, stride_xs, stride_xd, stride_yb, stride_ys, stride_yd, stride_kb,
                       N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
@@ -157,12 +168,7 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
             # real part of conj(F1) @ Y: 2 dots
             out = _mm(_load_mat(f1_ptr, P1, P1), yr, PRECISION) + _mm(_load_mat(f1_ptr + P1 * P1, P1, P1), yi, PRECISION)
         else:
-            twr = tl.load(tw_ptr + toff)
-            twi = tl.load(tw_ptr + P1 * P2 + toff)
-            tr = ar * twr - ai * twi
-            ti = ar * twi + ai * twr
-            ar = _to_rows(tr, P1, P2, BLOCK_D)
-            ai = _to_rows(ti, P1, P2, BLOCK_D)
+            ar, ai = _twiddle_to_rows(ar, ai, tw_ptr, toff, P1, P2, BLOCK_D)
             # row DFTs (F2 is symmetric: A @ F2), complex: 4 dots
             f2r = _load_mat(f2_ptr, P2, P2)
             f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
@@ -220,12 +226,7 @@ def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
         zi = ai
     else:
         toff = rows[:, None] * P2 + n2[None, :]
-        twr = tl.load(tw_ptr + toff)
-        twi = tl.load(tw_ptr + P1 * P2 + toff)
-        tr = ar * twr - ai * twi
-        ti = ar * twi + ai * twr
-        ar = _to_rows(tr, P1, P2, BLOCK_C)
-        ai = _to_rows(ti, P1, P2, BLOCK_C)
+        ar, ai = _twiddle_to_rows(ar, ai, tw_ptr, toff, P1, P2, BLOCK_C)
         f2r = _load_mat(f2_ptr, P2, P2)
         f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
         zr = _to_cols(_mm(ar, f2r, PRECISION) - _mm(ai, f2i, PRECISION), P1, P2, BLOCK_C)
