@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from ..kernels._backend import compile_target
 from ..kernels._triton import HAS_TRITON, interpreting
 from ..kernels._tuning import TunableKernel
 from .database import config_key, new_entry
@@ -86,7 +87,11 @@ def _is_pow2(v: Any) -> bool:
 
 
 def smem_limit(device: torch.device) -> Optional[int]:
-    """Shared memory a block may opt into on this GPU (bytes), None when unknown or not a GPU."""
+    """Shared memory a block may opt into on this GPU (bytes), None when unknown or not a GPU; the
+    target's while compiling without a GPU (offline.compile_only)."""
+    target = compile_target()
+    if target is not None:
+        return target.shared_memory
     if device.type != "cuda" or interpreting() or not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(device)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,36 @@ from ._triton import ACTIVATION_CODES, HAS_TRITON, interpreting
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """The GPU that kernels are being compiled for while nothing runs (tritonlab compile-check)."""
+
+    arch: int  # compute capability as major * 10 + minor, e.g. 90
+    #: shared memory one block may opt into, bytes
+    shared_memory: int
+
+    @property
+    def capability(self) -> tuple[int, int]:
+        return divmod(self.arch, 10)
+
+
+_compile_target: Optional[CompileTarget] = None
+
+
+def set_compile_target(target: Optional[CompileTarget]) -> None:
+    """Enter (or leave, with None) compile-only mode. Set by tritonlab.autotune.offline, which also
+    switches Triton to compiling without launching: then backend="triton" accepts CPU tensors, and
+    the launchers' device queries (fp8 support, shared memory) answer for `target`. Kernel outputs
+    are not computed in this mode."""
+    global _compile_target
+    _compile_target = target
+
+
+def compile_target() -> Optional[CompileTarget]:
+    """The compile-only target, or None (the normal case: kernels run)."""
+    return _compile_target
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -36,7 +67,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' needs Triton, which is not installed here")
-        if device.type != "cuda" and not interpreting():
+        if device.type != "cuda" and not interpreting() and _compile_target is None:
             raise ValueError(
                 f"backend='triton' got tensors on {device}; Triton kernels run on CUDA/ROCm tensors, "
                 "or on CPU tensors under the interpreter (set TRITON_INTERPRET=1 before importing triton)"

@@ -1,4 +1,4 @@
-"""The `tritonlab` command: env, autotune, report, profile.
+"""The `tritonlab` command: env, autotune, report, profile, compile-check.
 
 Each subcommand's options and work live with the code they drive (lab/report.py,
 tritonlab.autotune.cli); this file only wires them up.
@@ -24,6 +24,8 @@ _DELEGATED = {
     "autotune": ("tritonlab.autotune.cli", "tune the kernels for this GPU and write its tuning database"),
     "report": ("tritonlab.report", "benchmark every kernel family here and regenerate reports/<device>/"),
     "profile": ("tritonlab.profiling", "where our ops' time goes: host issue time, device time, launches, heaviest kernels"),
+    "compile-check": ("tritonlab.autotune.offline", "compile every kernel for a GPU architecture without the GPU: "
+                      "errors, registers, spills, shared memory"),
 }
 
 

@@ -38,6 +38,13 @@ COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 AUTO_USES_SPLIT = True
 #: scratch of the split path (fp32 complex, the whole spectrum) is allocated per batch chunk of at most this
 SPLIT_SCRATCH_BYTES = 1 << 30
+#: rows of A per step of the split row pass (split_rows_kernel): a [P2, 16] slice of the DFT table at a
+#: time instead of the whole [P2, P2] table. On sm_90 (Triton 3.6, `tritonlab compile-check`, default
+#: configs of the models shapes), registers / spilled bytes / shared KB, whole table -> slices:
+#: fft_conv S=16384 (P2=128) bf16 255/96/144 -> 183/0/54, fp32 255/3136/64 -> 255/1048/65;
+#: P2=64 (spectral_filter S=16384, fft_conv S=4096) bf16 118/0/48 -> 138/0/36, fp32 255/32/32 -> 240/0/50;
+#: fnet_mix S=16384 bf16 64 -> 84, fp32 163 -> 84 registers. Slices of 32 need more registers.
+ROW_CHUNK = 16
 #: grid dims 1 and 2 of a CUDA launch are at most 65535: batches are launched in chunks
 MAX_GRID_BATCH = 65535
 #: grid dim 0 of a CUDA launch
@@ -291,6 +298,11 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         y.copy_(yk)
 
 
+def _row_chunk(plan: Plan) -> int:
+    """Rows of A (and columns of the DFT table) per step of split_rows_kernel's loops."""
+    return min(plan.P2, ROW_CHUNK)
+
+
 def _split_batch(b: int, per_row_bytes: int) -> int:
     return max(1, min(b, MAX_GRID_BATCH, SPLIT_SCRATCH_BYTES // max(per_row_bytes, 1)))
 
@@ -324,7 +336,8 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
         split_rows_kernel[_grid(cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
             ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0,
-            P2=plan.P2, FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"], PRECISION=prec, num_warps=nw)
+            P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"],
+            PRECISION=prec, num_warps=nw)
         dft_gemm_kernel[grid](
             ar, ai, ys, ys, circ1, circ1, n1, cols, s, n2, d, m,
             ar.stride(0), ar.stride(1), 1, ys.stride(0), 0, 1,
@@ -403,7 +416,8 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
         split_rows_kernel[_grid(cdiv(cols, rd), n1, nb)](
             ar, ai, ar, ai, f2, circm, yr[yo:], yi[yo:], n1, n2, cols, m, ar.stride(0), 0, y_strides[0], cols,
-            P2=plan.P2, FILTER=False, COMPLEX_OUT=complex_out, NEED_IMAG=complex_out, BLOCK_D=rd, PRECISION=prec, num_warps=nw)
+            P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=False, COMPLEX_OUT=complex_out, NEED_IMAG=complex_out, BLOCK_D=rd,
+            PRECISION=prec, num_warps=nw)
 
 
 def _fnet_triton(x: torch.Tensor, cfg: dict) -> torch.Tensor:

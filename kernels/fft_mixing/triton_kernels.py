@@ -340,44 +340,66 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
 @jit
 def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, yi_ptr,
                       N1, N2, D, M, stride_ab, stride_kb, stride_yb, stride_yn,
-                      P2: tl.constexpr, FILTER: tl.constexpr, COMPLEX_OUT: tl.constexpr,
+                      P2: tl.constexpr, CHUNK: tl.constexpr, FILTER: tl.constexpr, COMPLEX_OUT: tl.constexpr,
                       NEED_IMAG: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Row pass of the split path on A[b, k1, n2, d] (fp32 pairs, contiguous [N1, N2, D] per batch row).
 
     FILTER: Z = F2 A, Z *= K[k1, k2, d] (1/M folded in), B = conj(F2) Z, B *= conj(W_M^(k1 n2)),
     written back over A. Otherwise (a plain DFT): out[b, k1 + N1 k2, d] = (F2 A)[k2, d], real part
     unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT.
+
+    The [P2, P2] DFT table (P2 up to 256) never sits whole in registers, where it spilled (3 KB a
+    thread at P2 = 128 in fp32 on sm_90, per `tritonlab compile-check`; ops.ROW_CHUNK has the numbers):
+    Z = F2 A sums over CHUNK-row slices of A
+    against CHUNK-column slices of F2, and B is produced transposed, CHUNK columns at a time,
+    B^T = Z'^T conj(F2) (F2 is symmetric), each slice twiddled and stored as it is done.
     """
     pid_d = tl.program_id(0)
     k1 = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     r = tl.arange(0, P2)
+    c = tl.arange(0, CHUNK)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (r < N2)[:, None] & (dd < D)[None, :]
-    # row k1 * N2 + r < M + P2 (M <= plans.MAX_SPLIT_M): int32 is safe before the widening
-    row_off = _offsets(k1 * N2 + r[:, None], D, dd[None, :], 1)
-    a_off = pid_b * stride_ab + row_off
-    ar = tl.load(ar_ptr + a_off, mask=mask, other=0.0)
-    ai = tl.load(ai_ptr + a_off, mask=mask, other=0.0)
-    f2r = _load_mat(f2_ptr, P2, P2)
-    f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
-    zr = _mm(f2r, ar, PRECISION) - _mm(f2i, ai, PRECISION)
-    if NEED_IMAG:
-        zi = _mm(f2r, ai, PRECISION) + _mm(f2i, ar, PRECISION)
+    dmask = dd < D
+    # row k1 * N2 + n2 < M + P2 (M <= plans.MAX_SPLIT_M): int32 is safe before the widening
+    a_base = ar_ptr + pid_b * stride_ab
+    zr = tl.zeros((P2, BLOCK_D), dtype=tl.float32)
+    zi = tl.zeros((P2, BLOCK_D), dtype=tl.float32)
+    for j0 in range(0, P2, CHUNK):
+        j = j0 + c
+        a_off = _offsets(k1 * N2 + j[:, None], D, dd[None, :], 1)
+        amask = (j < N2)[:, None] & dmask[None, :]
+        xr = tl.load(a_base + a_off, mask=amask, other=0.0)
+        xi = tl.load(ai_ptr + pid_b * stride_ab + a_off, mask=amask, other=0.0)
+        t_off = r[:, None] * P2 + j[None, :]  # F2[:, j]
+        fr = tl.load(f2_ptr + t_off)
+        fi = tl.load(f2_ptr + P2 * P2 + t_off)
+        zr += _mm(fr, xr, PRECISION) - _mm(fi, xi, PRECISION)
+        if NEED_IMAG:
+            zi += _mm(fr, xi, PRECISION) + _mm(fi, xr, PRECISION)
+    mask = (r < N2)[:, None] & dmask[None, :]
     if FILTER:
-        k_off = pid_b * stride_kb + row_off
+        k_off = pid_b * stride_kb + _offsets(k1 * N2 + r[:, None], D, dd[None, :], 1)
         kr = tl.load(kr_ptr + k_off, mask=mask, other=0.0)
         ki = tl.load(ki_ptr + k_off, mask=mask, other=0.0)
-        yr = zr * kr - zi * ki
-        yi = zr * ki + zi * kr
-        br = _mm(f2r, yr, PRECISION) + _mm(f2i, yi, PRECISION)
-        bi = _mm(f2r, yi, PRECISION) - _mm(f2i, yr, PRECISION)
-        tphase = (k1.to(tl.int64) * r.to(tl.int64)) % M
-        tr = tl.load(twc_ptr + tphase)[:, None]
-        ti = tl.load(twc_ptr + M + tphase)[:, None]
-        # times conj(W_M^(k1 n2)) = cos + i sin
-        tl.store(ar_ptr + a_off, br * tr - bi * ti, mask=mask)
-        tl.store(ai_ptr + a_off, br * ti + bi * tr, mask=mask)
+        ytr = tl.trans(zr * kr - zi * ki)  # [BLOCK_D, P2]
+        yti = tl.trans(zr * ki + zi * kr)
+        tl.debug_barrier()  # every warp has read its slices of A before any is overwritten
+        for n0 in range(0, P2, CHUNK):
+            n = n0 + c
+            t_off = r[:, None] * P2 + n[None, :]  # F2[:, n] (= F2[n, :]^T)
+            fr = tl.load(f2_ptr + t_off)
+            fi = tl.load(f2_ptr + P2 * P2 + t_off)
+            btr = _mm(ytr, fr, PRECISION) + _mm(yti, fi, PRECISION)  # conj(F2) Y, transposed
+            bti = _mm(yti, fr, PRECISION) - _mm(ytr, fi, PRECISION)
+            tphase = (k1.to(tl.int64) * n.to(tl.int64)) % M
+            tr = tl.load(twc_ptr + tphase)[None, :]
+            ti = tl.load(twc_ptr + M + tphase)[None, :]
+            o_off = pid_b * stride_ab + _offsets(k1 * N2 + n[None, :], D, dd[:, None], 1)
+            omask = (n < N2)[None, :] & dmask[:, None]
+            # times conj(W_M^(k1 n2)) = cos + i sin
+            tl.store(ar_ptr + o_off, btr * tr - bti * ti, mask=omask)
+            tl.store(ai_ptr + o_off, btr * ti + bti * tr, mask=omask)
     else:
         k = k1 + N1 * r
         y_off = pid_b * stride_yb + _offsets(k[:, None], stride_yn, dd[None, :], 1)

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, new_output,
-                        next_pow2, resolve_backend)
+from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, compile_target,
+                        new_output, next_pow2, resolve_backend)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -65,6 +65,9 @@ def _qname(dtype: QuantDType, name: str = "dtype") -> str:
 
 def fp8_supported(device: torch.device) -> bool:
     """FP8 kernels run on CUDA compute capability >= 8.9 (Ada, Hopper, Blackwell) and in the interpreter."""
+    target = compile_target()
+    if target is not None:
+        return target.capability >= (8, 9)
     if device.type == "cuda":
         if getattr(torch.version, "hip", None):
             return False  # ROCm's fp8 types are the fnuz variants; the upcast path serves
@@ -204,13 +207,18 @@ _SMEM_LIMIT: dict[int, int] = {}
 def _fit_shared_memory(cfg: dict, device: torch.device) -> dict:
     """Fewer pipeline stages (then narrower K tiles) until the 8-bit A and B tiles fit the GPU's shared
     memory: the H100-sized defaults would not launch on a 99 KB part (Ada, consumer Ampere)."""
-    if device.type != "cuda":
+    target = compile_target()
+    if target is not None:
+        limit = target.shared_memory
+    elif device.type != "cuda":
         return cfg
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMEM_LIMIT:
-        props = torch.cuda.get_device_properties(idx)
-        _SMEM_LIMIT[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
-    limit = _SMEM_LIMIT[idx] - 4096  # headroom for the kernel's own scratch
+    else:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SMEM_LIMIT:
+            props = torch.cuda.get_device_properties(idx)
+            _SMEM_LIMIT[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+        limit = _SMEM_LIMIT[idx]
+    limit -= 4096  # headroom for the kernel's own scratch
     cfg = dict(cfg)
 
     def need(c):

@@ -1,0 +1,103 @@
+"""`tritonlab compile-check` (autotune/offline.py): every registered kernel compiles for sm_90 on this
+GPU-less machine, and the check reports what would fail on the GPU.
+
+The check needs real (not interpreted) Triton kernels, so it runs in a subprocess without
+TRITON_INTERPRET; this test process keeps the interpreter for the rest of the suite."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tritonlab.kernels._triton import HAS_TRITON, interpreting
+
+TESTS = Path(__file__).parent
+
+
+def _ptxas_available() -> bool:
+    if not HAS_TRITON:
+        return False
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+pytestmark = pytest.mark.skipif(not (_ptxas_available() and platform.system() == "Linux"),
+                                reason="needs Triton's NVIDIA backend (ptxas ships in its Linux wheel)")
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_every_kernel_compiles_for_sm90_and_gpu_failures_are_reported(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run(["-m", "tritonlab.cli", "compile-check", "--arch", "90", "--preset", "small",
+                 "--import", "compile_check_plugin", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    by_kernel: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    # the plugin's launch-impossible and failing kernels make the default check fail
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (big,) = by_kernel.pop("cc_big_tiles")
+    assert big["error"] is None and big["builds"][0]["shared"] >= 4 * 64 * 1024 > 232448
+    assert "cannot launch" in proc.stdout and "cc_big_tiles" in proc.stdout
+    (bad,) = by_kernel.pop("cc_raises")
+    assert "this launcher always fails" in bad["error"]
+    (ok,) = by_kernel.pop("cc_copy")
+    assert ok["error"] is None and ok["builds"][0]["name"] == "_copy_kernel"
+    # every registered kernel family: each small shape's default config compiles and could launch
+    from tritonlab.kernels._tuning import registered
+
+    assert set(by_kernel) == set(registered())
+    for name, kernel_rows in by_kernel.items():
+        for r in kernel_rows:
+            assert r["error"] is None, (name, r["shape"], r["error"])
+            assert r["is_default"] and r["builds"], (name, r["shape"])
+            for b in r["builds"]:
+                assert 0 < b["registers"] <= 255 and 0 <= b["shared"] <= 232448, (name, b)
+
+
+def test_compile_only_restores_triton_and_the_backend_rule():
+    code = """
+import torch
+from triton.runtime import driver
+from tritonlab.autotune.offline import compile_only
+from tritonlab.kernels import _backend
+before = driver._active
+try:
+    with compile_only(90):
+        assert _backend.resolve_backend("triton", torch.device("cpu")) == "triton"
+        assert _backend.compile_target().capability == (9, 0)
+        raise KeyError("inside")
+except KeyError:
+    pass
+assert driver._active is before and _backend.compile_target() is None
+try:
+    _backend.resolve_backend("triton", torch.device("cpu"))
+except ValueError as e:
+    print("refused:", e)
+"""
+    proc = _run(["-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: backend='triton' got tensors on cpu" in proc.stdout
+
+
+def test_compile_only_rejects_bad_arch_and_the_interpreter():
+    from tritonlab.autotune.offline import compile_only
+
+    with pytest.raises(ValueError, match="arch must be one of"):
+        with compile_only(91):
+            pass
+    if interpreting():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            with compile_only(90):
+                pass
