@@ -16,7 +16,10 @@ same calls the tuner makes) on CPU tensors inside `compile_only(arch)`:
   launchers' device queries (fp8 support, shared memory per block) for the target.
 
 Kernel outputs are therefore never computed: this checks compilation and resources, not results
-(the interpreter tests and the GPU tests check results). Per compiled kernel it reports registers
+(the interpreter tests and the GPU tests check results). `--configs default` checks each shape's
+heuristic default; `--configs all` the tuning space as the tuner would try it on that architecture,
+which holds every tuned entry a database can ship. While `compile_only` is active, every Triton
+launch in the process (any thread) only compiles. Per compiled kernel it reports registers
 per thread and the per-thread stack (spilled registers live there) from `cuobjdump -res-usage`,
 and the dynamic shared memory from the compiled metadata, flagged against the architecture's
 per-block limit. The same argument specializations as a real launch are compiled (alignment and
@@ -86,9 +89,14 @@ class CheckRow:
     builds: list[KernelBuild]
 
     def problems(self, shared_limit: int) -> list[str]:
+        """What would fail on the GPU, or what the check could not verify."""
         found = [self.error] if self.error else []
+        if not self.error and not self.builds:
+            found.append("no Triton kernel was compiled (the launcher took another path)")
         for b in self.builds:
             found += [f"{b.name}: {f}" for f in b.flags(shared_limit) if "cannot launch" in f]
+            if b.registers is None:
+                found.append(f"{b.name}: registers and spills unknown (cuobjdump missing or unreadable)")
         return found
 
 
@@ -100,8 +108,10 @@ class _TargetDriver:
 
         self._target = GPUTarget("cuda", arch, 32)
 
-    def get_current_device(self) -> int:
-        return 0
+    def get_current_device(self) -> tuple[str, int]:
+        # a key of its own: each JITFunction caches its target per device key, and a plain 0 would
+        # mix this target into real launches on GPU 0 (or a real GPU's target into this check)
+        return ("compile-only", self._target.arch)
 
     def get_current_stream(self, device: Any = None) -> int:
         return 0

@@ -70,9 +70,18 @@ def test_compile_only_restores_triton_and_the_backend_rule():
     code = """
 import torch
 from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 from tritonlab.autotune.offline import compile_only
 from tritonlab.kernels import _backend
-before = driver._active
+import compile_check_plugin as plugin
+before, run_before = driver._active, JITFunction.run
+x = torch.randn(100)
+archs = []
+for arch in (90, 80):  # one kernel, two targets in one process: each compiles for its own
+    with compile_only(arch) as launched:
+        plugin._copy_run((x, torch.empty_like(x)), {"BLOCK": 128, "num_warps": 4})
+    archs.append(launched[0][1].metadata.target.arch)
+assert archs == [90, 80], archs
 try:
     with compile_only(90):
         assert _backend.resolve_backend("triton", torch.device("cpu")) == "triton"
@@ -80,7 +89,7 @@ try:
         raise KeyError("inside")
 except KeyError:
     pass
-assert driver._active is before and _backend.compile_target() is None
+assert driver._active is before and JITFunction.run is run_before and _backend.compile_target() is None
 try:
     _backend.resolve_backend("triton", torch.device("cpu"))
 except ValueError as e:

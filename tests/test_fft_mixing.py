@@ -198,11 +198,12 @@ def test_split_paths(device, small_plans, s, circ, causal):
     _check_all_ops(s, 5, device)
 
 
-def test_split_row_pass_in_table_slices(device, small_plans, monkeypatch):
-    """split_rows_kernel reads the DFT table a slice at a time: here P2 = 32 rows in two 16-row
-    steps, the second one 7 rows real and 9 padding (M = 500 = 20 x 25), forward and filtered."""
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_split_row_pass_in_table_slices(device, small_plans, monkeypatch, chunk):
+    """split_rows_kernel reads the DFT table a slice at a time: here P2 = 32 rows (M = 500 = 20 x 25),
+    in two 16-row steps (the second 9 rows real, 7 padding) or one 32-row step, forward and filtered."""
     small_plans(32, 32)
-    monkeypatch.setattr(ops, "ROW_CHUNK", 16)
+    monkeypatch.setattr(ops, "ROW_CHUNK", chunk)
     assert "split 3-pass M=500=20x25 (20-point column DFTs as GEMMs, rows in 32-tiles)" in describe_plan("spectral_filter", 500)
     assert "M=500=20x25" in describe_plan("fnet_mix", 500, 5).split("; ")[1]
     _check_all_ops(500, 5, device)

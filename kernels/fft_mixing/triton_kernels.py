@@ -348,11 +348,11 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
     written back over A. Otherwise (a plain DFT): out[b, k1 + N1 k2, d] = (F2 A)[k2, d], real part
     unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT.
 
-    The [P2, P2] DFT table (P2 up to 256) never sits whole in registers, where it spilled (3 KB a
-    thread at P2 = 128 in fp32 on sm_90, per `tritonlab compile-check`; ops.ROW_CHUNK has the numbers):
-    Z = F2 A sums over CHUNK-row slices of A
-    against CHUNK-column slices of F2, and B is produced transposed, CHUNK columns at a time,
-    B^T = Z'^T conj(F2) (F2 is symmetric), each slice twiddled and stored as it is done.
+    The [P2, P2] DFT table (P2 <= plans.MAX_SPLIT_FACTOR = 128) never sits whole in registers, where
+    it spilled (3 KB a thread at P2 = 128 in fp32 on sm_90, per `tritonlab compile-check`;
+    ops.ROW_CHUNK has the numbers): Z = F2 A sums over CHUNK-row slices of A against CHUNK-column
+    slices of F2, and with Y = Z * K the inverse is produced transposed, B^T = Y^T conj(F2) (F2 is
+    symmetric), CHUNK columns at a time, each slice twiddled and stored as it is done.
     """
     pid_d = tl.program_id(0)
     k1 = tl.program_id(1)
@@ -390,7 +390,7 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
             t_off = r[:, None] * P2 + n[None, :]  # F2[:, n] (= F2[n, :]^T)
             fr = tl.load(f2_ptr + t_off)
             fi = tl.load(f2_ptr + P2 * P2 + t_off)
-            btr = _mm(ytr, fr, PRECISION) + _mm(yti, fi, PRECISION)  # conj(F2) Y, transposed
+            btr = _mm(ytr, fr, PRECISION) + _mm(yti, fi, PRECISION)  # B^T = Y^T conj(F2)
             bti = _mm(yti, fr, PRECISION) - _mm(ytr, fi, PRECISION)
             tphase = (k1.to(tl.int64) * n.to(tl.int64)) % M
             tr = tl.load(twc_ptr + tphase)[None, :]
