@@ -246,6 +246,9 @@ def test_wide_channels_and_batches(backend, device):
     (100, {"BLOCK_D": 16, "ROWS": 1, "num_warps": 8}),
     (100, {"BLOCK_D": 4, "ROWS": 1, "num_warps": 4, "SEQ_MAJOR": 1}),  # x and y staged sequence-contiguous
     (17, {"BLOCK_D": 16, "ROWS": 1, "num_warps": 4, "SEQ_MAJOR": 1}),
+    # the row-DFT middle in two 16-bin slices: M = 1000 = 50 x 20 (P2 = 32, the second slice 4 bins
+    # real); causal M = 2048 = 64 x 32
+    (1000, {"BLOCK_D": 2, "ROWS": 2, "num_warps": 4, "ROW_SLICE": 16}),
 ])
 def test_fused_kernel_configs(device, s, cfg):
     """Tunable block shapes, shared and per-input filters: every config computes the same result."""
@@ -255,7 +258,7 @@ def test_fused_kernel_configs(device, s, cfg):
     for filt in (cfilt(1, s // 2 + 1, d, device=device), cfilt(b, s // 2 + 1, d, device=device)):
         y = ops._conv_triton(x, plan, cfg, filt=filt)
         assert_close(y, ref.spectral_filter_ref(np64(x), np64(filt)), tolerance(torch.float32))
-    if cfg.get("SEQ_MAJOR"):  # the causal convolution's addressing too
+    if cfg.get("SEQ_MAJOR") or cfg.get("ROW_SLICE"):  # the causal convolution's addressing too
         k = rand(s, d, device=device, scale=s**-0.5)
         y = ops._conv_triton(x, plans.conv_plan(s, True), cfg, k=k)
         assert_close(y, ref.fft_conv_ref(np64(x), np64(k), True), tolerance(torch.float32))

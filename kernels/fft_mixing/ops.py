@@ -188,6 +188,11 @@ def _conv_space(shape, causal: bool) -> list[dict]:
             out.append({"BLOCK_D": bd, "ROWS": rows, "num_warps": nw})
             if bd <= 8 and rows == 1:  # under 32 bytes of channels per row: also try sequence-contiguous staging
                 out.append({"BLOCK_D": bd, "ROWS": rows, "num_warps": nw, "SEQ_MAJOR": 1})
+            # the row-DFT middle a slice of bins at a time (fused_conv_kernel's ROW_SLICE): whole
+            # [P2, P2] tables spill at P2 = 64 on sm_90 (S = 4096 default: 255 registers + 132 B)
+            for row_slice in (16, 32):
+                if row_slice < plan.P2 and nw >= 4:
+                    out.append({"BLOCK_D": bd, "ROWS": rows, "num_warps": nw, "ROW_SLICE": row_slice})
     return out
 
 
@@ -293,7 +298,8 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         fused_conv_kernel[_grid(cdiv(d, cfg["BLOCK_D"]), cdiv(b1 - b0, rows))](
             xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, *xs.stride(), *ys.stride(),
             skb, N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, MODE=plan.mode, BLOCK_D=cfg["BLOCK_D"],
-            ROWS=rows, PRECISION=_precision(x.dtype), num_warps=cfg["num_warps"])
+            ROWS=rows, PRECISION=_precision(x.dtype), ROW_SLICE=cfg.get("ROW_SLICE", 0) if plan.P2 > 1 else 0,
+            num_warps=cfg["num_warps"])
     if seq_major:
         y.copy_(yk)
 

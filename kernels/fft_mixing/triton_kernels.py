@@ -88,7 +88,8 @@ def _twiddle_to_rows(ar, ai, tw_ptr, toff, P1: tl.constexpr, P2: tl.constexpr, B
 def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
                       B, S, D, stride_xb, stride_xs, stride_xd, stride_yb, stride_ys, stride_yd, stride_kb,
                       N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                      MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr):
+                      MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
+                      ROW_SLICE: tl.constexpr = 0):
     """y[b, :, d] = IDFT_M(K[:, d] * DFT_M(x[b, :, d] mapped by MODE)) for a block of channels d and
     ROWS consecutive batch rows. x and y are addressed as [B, S, D] through their strides (channels
     contiguous, or the sequence contiguous when the launcher staged them channel-major).
@@ -96,6 +97,10 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
     K ([P1, D, P2] per batch row, stride_kb = 0 when shared) is the kernel spectrum in this kernel's
     layout with the 1/M scale folded in; padded bins are zero.
     MODE 0: circular, M = S; 1: causal, M >= 2S - 1; 2: periodic extension, M >= 2S.
+    ROW_SLICE (a tunable, four-step only): 0 multiplies by the whole [P2, P2] row-DFT table; else the
+    row DFT, the spectrum multiply and the inverse row DFT run as one loop over ROW_SLICE-bin slices
+    of the row spectrum (B = sum over slices c of Y[:, c] conj(F2)[c, :]), so the tables and the
+    spectrum are live a slice at a time: fewer registers for a loop (see ops._conv_space).
     """
     pid_d = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -169,18 +174,40 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
             out = _mm(_load_mat(f1_ptr, P1, P1), yr, PRECISION) + _mm(_load_mat(f1_ptr + P1 * P1, P1, P1), yi, PRECISION)
         else:
             ar, ai = _twiddle_to_rows(ar, ai, tw_ptr, toff, P1, P2, BLOCK_D)
-            # row DFTs (F2 is symmetric: A @ F2), complex: 4 dots
-            f2r = _load_mat(f2_ptr, P2, P2)
-            f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
-            zr = _mm(ar, f2r, PRECISION) - _mm(ai, f2i, PRECISION)
-            zi = _mm(ar, f2i, PRECISION) + _mm(ai, f2r, PRECISION)
-            kr = tl.load(kr_ptr + k_base + koff, mask=kmask & live, other=0.0)
-            ki = tl.load(ki_ptr + k_base + koff, mask=kmask & live, other=0.0)
-            yr = zr * kr - zi * ki
-            yi = zr * ki + zi * kr
-            # inverse row DFTs: Y @ conj(F2)
-            br = _mm(yr, f2r, PRECISION) + _mm(yi, f2i, PRECISION)
-            bi = _mm(yi, f2r, PRECISION) - _mm(yr, f2i, PRECISION)
+            if ROW_SLICE == 0:
+                # row DFTs (F2 is symmetric: A @ F2), complex: 4 dots
+                f2r = _load_mat(f2_ptr, P2, P2)
+                f2i = _load_mat(f2_ptr + P2 * P2, P2, P2)
+                zr = _mm(ar, f2r, PRECISION) - _mm(ai, f2i, PRECISION)
+                zi = _mm(ar, f2i, PRECISION) + _mm(ai, f2r, PRECISION)
+                kr = tl.load(kr_ptr + k_base + koff, mask=kmask & live, other=0.0)
+                ki = tl.load(ki_ptr + k_base + koff, mask=kmask & live, other=0.0)
+                yr = zr * kr - zi * ki
+                yi = zr * ki + zi * kr
+                # inverse row DFTs: Y @ conj(F2)
+                br = _mm(yr, f2r, PRECISION) + _mm(yi, f2i, PRECISION)
+                bi = _mm(yi, f2r, PRECISION) - _mm(yr, f2i, PRECISION)
+            else:
+                br = tl.zeros((P1 * BLOCK_D, P2), dtype=tl.float32)
+                bi = tl.zeros((P1 * BLOCK_D, P2), dtype=tl.float32)
+                kk = tl.arange(0, P2)
+                for c0 in range(0, P2, ROW_SLICE):
+                    c = c0 + tl.arange(0, ROW_SLICE)
+                    cols_off = kk[:, None] * P2 + c[None, :]  # F2[:, c]
+                    fr = tl.load(f2_ptr + cols_off)
+                    fi = tl.load(f2_ptr + P2 * P2 + cols_off)
+                    zr = _mm(ar, fr, PRECISION) - _mm(ai, fi, PRECISION)
+                    zi = _mm(ar, fi, PRECISION) + _mm(ai, fr, PRECISION)
+                    kc_off = _offsets((k1.to(tl.int64) * D + dq)[:, None], P2, c[None, :], 1)
+                    kr = tl.load(kr_ptr + k_base + kc_off, mask=kmask & live, other=0.0)
+                    ki = tl.load(ki_ptr + k_base + kc_off, mask=kmask & live, other=0.0)
+                    yr = zr * kr - zi * ki
+                    yi = zr * ki + zi * kr
+                    rows_off = c[:, None] * P2 + kk[None, :]  # F2[c, :]
+                    gr = tl.load(f2_ptr + rows_off)
+                    gi = tl.load(f2_ptr + P2 * P2 + rows_off)
+                    br += _mm(yr, gr, PRECISION) + _mm(yi, gi, PRECISION)
+                    bi += _mm(yi, gr, PRECISION) - _mm(yr, gi, PRECISION)
             rtwr = tl.load(tw_ptr + roff)
             rtwi = tl.load(tw_ptr + P1 * P2 + roff)
             cr = br * rtwr + bi * rtwi  # times conj(twiddle)
