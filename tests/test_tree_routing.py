@@ -290,3 +290,25 @@ def test_gpu_fff_forward_large_batch_in_a_cuda_graph(t):
     assert_close(y[rows], expected, tolerance(torch.bfloat16))
     replay = graph_replay(call)
     assert torch.equal(replay(), y) and torch.equal(replay(), y)
+
+
+def test_route_space_is_pruned_to_the_gpu_shared_memory():
+    """tree_route's shared-memory estimate lets the tuner drop what cannot launch: on sm_90 (227 KB a
+    block), 6 dense levels with x resident (BLOCK_D=1024 at D=768) need 288 KB; 5 levels fit."""
+    from tritonlab.autotune.tuner import prune
+    from tritonlab.kernels import _backend
+
+    kernel = registered()["tree_route"]
+    shape = {"T": 16384, "D": 768, "depth": 8}
+    space = kernel.space(shape)
+    too_big = {"BLOCK_T": 16, "BLOCK_D": 1024, "DENSE_LEVELS": 6, "num_warps": 8}
+    fits = dict(too_big, DENSE_LEVELS=5)
+    assert too_big in space and fits in space
+    _backend.set_compile_target(_backend.CompileTarget(90, 232448))
+    try:
+        kept, why = prune(kernel, shape, space, torch.bfloat16, torch.device("cpu"))
+    finally:
+        _backend.set_compile_target(None)
+    assert too_big not in kept and fits in kept
+    assert any("shared memory" in reason for reason in why.values())
+    assert kernel.default(shape) in kept

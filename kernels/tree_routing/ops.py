@@ -75,6 +75,22 @@ def _route_space(shape) -> list[dict]:
     return out
 
 
+def _route_smem(shape, cfg, dtype) -> int:
+    """Shared memory of tree_walk_kernel: the dense top levels' dot stages its x tile and its
+    [BLOCK_D, DENSE_COLS] node-weight tile, pipelined. Upper bound of the sm_90 builds (Triton 3.6,
+    `tritonlab compile-check --configs all`): three stages of both tiles when x streams; when x is
+    resident, the x tile once and two of the weight tile (T=16384 D=768: BLOCK_D=1024 with 6 dense
+    levels needs 288 KB, more than the 227 KB a block can have)."""
+    if not cfg.get("DENSE_LEVELS"):
+        return 0
+    elem = torch.empty((), dtype=dtype).element_size()
+    bt, bd = cfg["BLOCK_T"], cfg["BLOCK_D"]
+    cols = max(16, next_pow2(2 ** cfg["DENSE_LEVELS"] - 1))
+    if bd >= shape["D"]:
+        return (bt * bd + 2 * bd * cols) * elem
+    return 3 * (bt * bd + bd * cols) * elem
+
+
 def _fused_default(shape) -> dict:
     return {"BLOCK_D": max(16, min(64, next_pow2(shape["D"]))), "BLOCK_H": max(16, min(32, next_pow2(shape["H"]))),
             "BLOCK_O": max(16, min(128, next_pow2(shape["O"]))), "num_warps": 4}
@@ -350,7 +366,7 @@ def route_mismatch(x, w, b, leaf) -> float:
 
 
 register(TunableKernel(
-    name="tree_route", default=_route_default, space=_route_space, make_inputs=_route_inputs,
+    name="tree_route", default=_route_default, space=_route_space, make_inputs=_route_inputs, smem_bytes=_route_smem,
     run=lambda inp, cfg: _walk_triton(inp["x"], inp["w"], inp["b"], inp["w"].shape[0].bit_length(), True, False, cfg)[0],
     error=lambda inp, out: route_mismatch(inp["x"], inp["w"], inp["b"], out),
     tolerance=lambda dtype: 0.0,
