@@ -221,8 +221,14 @@ class SlotLayout:
         if ad is not None:
             torch.bmm(ad, w, out=od)
         if at is not None:
-            torch.bmm(at, w.index_select(0, self.tile_group), out=ot)
+            torch.bmm(at, self._tile_weights(w), out=ot)
         return out
+
+    def _tile_weights(self, w: Tensor) -> Tensor:
+        """[n_tiles, K, N]: each overflow tile's group weights, gathered into a reused CPU buffer (a
+        tile of a Mixtral-sized expert gathers 14.7 MB a matrix: fresh pages would fault on every call)."""
+        out = cpu_workspace("tile_weights", (self.n_tiles, w.shape[1], w.shape[2]), w.dtype, w.device)
+        return torch.index_select(w, 0, self.tile_group, out=out)
 
     def add_bias_(self, z: Tensor, bias: Tensor) -> Tensor:
         """z[p] += bias[group of row p], in place."""
