@@ -1,7 +1,7 @@
 """`tritonlab compile-check`: compile the registered kernels for a GPU architecture, without the GPU.
 
     tritonlab compile-check [--arch 90] [--kernel K ...] [--preset small|models|full] [--dtype D ...]
-                            [--configs default|all] [--json FILE] [--import MODULE]
+                            [--configs default|all|tuned] [--slug SLUG] [--json FILE] [--import MODULE]
 
 No development or CI machine here has a GPU, and the interpreter accepts kernels that the GPU
 compiler rejects (a layout the backend cannot lower, a dot shape it does not support) or that
@@ -17,8 +17,9 @@ same calls the tuner makes) on CPU tensors inside `compile_only(arch)`:
 
 Kernel outputs are therefore never computed: this checks compilation and resources, not results
 (the interpreter tests and the GPU tests check results). `--configs default` checks each shape's
-heuristic default; `--configs all` the tuning space as the tuner would try it on that architecture,
-which holds every tuned entry a database can ship. While `compile_only` is active, every Triton
+heuristic default; `--configs all` the tuning space as the tuner would try it on that architecture;
+`--configs tuned --slug S` the entries of device S's tuning database, exactly what that GPU launches
+(an entry tuned before a kernel changed may no longer compile; this finds it). While `compile_only` is active, every Triton
 launch in the process (any thread) only compiles. Per compiled kernel it reports registers
 per thread and the per-thread stack (spilled registers live there) from `cuobjdump -res-usage`,
 and the dynamic shared memory from the compiled metadata, flagged against the architecture's
@@ -233,14 +234,33 @@ def check_kernel(kernel: TunableKernel, shape: dict, dtype: torch.dtype, configs
 
 
 def run_check(kernels: Optional[Sequence[str]] = None, preset: str = "models", dtypes: Optional[Sequence[str]] = None,
-              configs: str = "default", arch: int = 90, on_row=None) -> list[CheckRow]:
-    """compile-check over the registry's jobs (runner.plan); `configs` as check_kernel's."""
+              configs: str = "default", arch: int = 90, on_row=None, slug: Optional[str] = None) -> list[CheckRow]:
+    """compile-check over the registry's jobs (runner.plan), `configs` as check_kernel's; or, with
+    configs="tuned", over the entries of device `slug`'s tuning database (shipped file and user
+    file, as the kernels read them: each entry's config over its shape's default), which is what
+    that GPU launches."""
     from .runner import parse_dtype, plan
 
     reg = registered()
+    if configs == "tuned":
+        from .database import TuningDB
+
+        if not slug:
+            raise ValueError("configs='tuned' needs the device slug of a tuning database (e.g. NVIDIA_H100_80GB_HBM3)")
+        wanted = set(kernels) if kernels else None
+        jobs: dict[tuple, list[dict]] = {}
+        for kernel, dtype, _key, entry, _source in TuningDB(slug).entries():
+            if kernel in reg and (wanted is None or kernel in wanted) and entry.get("config"):
+                shape = {k: int(v) for k, v in entry["shape"].items()}
+                cfg = dict(reg[kernel].default(shape), **entry["config"])
+                jobs.setdefault((kernel, tuple(shape.items()), dtype), []).append(cfg)
+        todo = [(reg[k], dict(shape), parse_dtype(dt), cfgs) for (k, shape, dt), cfgs in jobs.items()]
+    else:
+        todo = [(reg[job.kernel], job.shape_dict, parse_dtype(job.dtype), configs)
+                for job in plan(kernels, preset, dtypes)]
     rows: list[CheckRow] = []
-    for job in plan(kernels, preset, dtypes):
-        for row in check_kernel(reg[job.kernel], job.shape_dict, parse_dtype(job.dtype), configs, arch):
+    for kernel, shape, dtype, cfgs in todo:
+        for row in check_kernel(kernel, shape, dtype, cfgs, arch):
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -256,9 +276,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="registered kernels to check (default: all)")
     p.add_argument("--preset", choices=("small", "models", "full"), default="models", help="shape preset")
     p.add_argument("--dtype", nargs="+", action="extend", metavar="D", help="dtypes (default: each kernel's own)")
-    p.add_argument("--configs", choices=("default", "all"), default="default",
-                   help="each shape's heuristic default (a failure exits 1), or the tuning space the tuner "
-                        "would try on this architecture (a survey)")
+    p.add_argument("--configs", choices=("default", "all", "tuned"), default="default",
+                   help="each shape's heuristic default, the tuning space the tuner would try on this "
+                        "architecture (a survey), or the entries of --slug's tuning database")
+    p.add_argument("--slug", default=None, help="device slug of the database for --configs tuned")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every row as JSON")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (it registers more tunable kernels)")
@@ -299,8 +320,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import_plugins(args.imports)
     start = time.perf_counter()
+    if args.configs == "tuned" and not args.slug:
+        print("--configs tuned needs --slug (a file name in autotune/configs/ or $TRITONLAB_CONFIG_DIR, "
+              "without .json)", file=sys.stderr)
+        return 2
     rows = run_check(args.kernel, args.preset, args.dtype, args.configs, args.arch,
-                     on_row=lambda r: print(_describe(r, limit), flush=True))
+                     on_row=lambda r: print(_describe(r, limit), flush=True), slug=args.slug)
     failed = [r for r in rows if r.problems(limit)]
     spilled = [r for r in rows if any(b.stack for b in r.builds)]
     print(f"\n{len(rows)} config(s) compiled for sm_{args.arch} in {time.perf_counter() - start:.0f} s: "
@@ -309,4 +334,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {r.kernel} {r.shape} {r.dtype} {r.config}: {'; '.join(r.problems(limit))}")
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-    return 1 if args.configs == "default" and failed else 0
+    return 1 if args.configs != "all" and failed else 0

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(not (_ptxas_available() and platform.system() ==
                                 reason="needs Triton's NVIDIA backend (ptxas ships in its Linux wheel)")
 
 
-def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS)] + [p for p in [env.get("PYTHONPATH")] if p])
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -64,6 +64,25 @@ def test_every_kernel_compiles_for_sm90_and_gpu_failures_are_reported(tmp_path):
             assert r["is_default"] and r["builds"], (name, r["shape"])
             for b in r["builds"]:
                 assert 0 < b["registers"] <= 255 and 0 <= b["shared"] <= 232448, (name, b)
+
+
+def test_tuned_entries_are_checked_as_the_gpu_would_launch_them(tmp_path):
+    """--configs tuned compiles each database entry's config over its shape's default."""
+    from tritonlab.autotune.database import TuningFile, new_entry, shape_key
+
+    db = tmp_path / "configs"
+    tuned = {"BLOCK": 1024, "num_warps": 8}
+    TuningFile(db / "FAKE_GPU.json").put("cc_copy", "float32", shape_key({"N": 5000}), new_entry(
+        config=tuned, time_ms=1.0, default_config={"BLOCK": 128, "num_warps": 4}, default_time_ms=2.0,
+        shape={"N": 5000}, device="fake"))
+    out = tmp_path / "rows.json"
+    proc = _run(["-m", "tritonlab.cli", "compile-check", "--configs", "tuned", "--slug", "FAKE_GPU",
+                 "--import", "compile_check_plugin", "--json", str(out)], env={"TRITONLAB_CONFIG_DIR": str(db)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["kernel"] == "cc_copy" and row["shape"] == {"N": 5000} and row["config"] == tuned
+    assert row["error"] is None and row["builds"][0]["name"] == "_copy_kernel"
+    assert _run(["-m", "tritonlab.cli", "compile-check", "--configs", "tuned"]).returncode == 2  # no --slug
 
 
 def test_compile_only_restores_triton_and_the_backend_rule():
