@@ -18,8 +18,10 @@ same calls the tuner makes) on CPU tensors inside `compile_only(arch)`:
 Kernel outputs are therefore never computed: this checks compilation and resources, not results
 (the interpreter tests and the GPU tests check results). `--configs default` checks each shape's
 heuristic default; `--configs all` the tuning space as the tuner would try it on that architecture;
-`--configs tuned --slug S` the entries of device S's tuning database, exactly what that GPU launches
-(an entry tuned before a kernel changed may no longer compile; this finds it). While `compile_only` is active, every Triton
+`--configs tuned --slug S` the entries of device S's tuning database, each at the shape it was tuned
+for (an entry tuned before a kernel changed may no longer compile; this finds it; at run time an
+entry also serves the other shapes of its bucket, not compiled here). A kernel that does not exist
+for the target and dtype (fp8 below sm_89) is reported n/a. While `compile_only` is active, every Triton
 launch in the process (any thread) only compiles. Per compiled kernel it reports registers
 per thread and the per-thread stack (spilled registers live there) from `cuobjdump -res-usage`,
 and the dynamic shared memory from the compiled metadata, flagged against the architecture's
@@ -47,7 +49,7 @@ import torch
 
 from ..kernels import _backend
 from ..kernels._triton import interpreting
-from ..kernels._tuning import TunableKernel, registered
+from ..kernels._tuning import NotApplicable, TunableKernel, registered
 
 #: shared memory a block may opt into, by architecture (bytes; CUDA programming guide, table of
 #: technical specifications per compute capability)
@@ -88,9 +90,12 @@ class CheckRow:
     is_default: bool
     error: Optional[str]  # why it did not compile, else None
     builds: list[KernelBuild]
+    not_applicable: Optional[str] = None  # the kernel does not exist for this arch and dtype (not a failure)
 
     def problems(self, shared_limit: int) -> list[str]:
         """What would fail on the GPU, or what the check could not verify."""
+        if self.not_applicable:
+            return []
         found = [self.error] if self.error else []
         if not self.error and not self.builds:
             found.append("no Triton kernel was compiled (the launcher took another path)")
@@ -214,14 +219,16 @@ def check_kernel(kernel: TunableKernel, shape: dict, dtype: torch.dtype, configs
             configs = [default]
         elif configs == "all":
             configs = prune(kernel, shape, kernel.space(shape), dtype, torch.device("cpu"))[0]
-        setup_error = None
+        setup_error = not_applicable = None
         try:  # make_inputs may launch kernels too (a precomputed grouping): they count with the first row
             inputs = kernel.make_inputs(shape, dtype, torch.device("cpu"))
+        except NotApplicable as e:
+            not_applicable = str(e)
         except Exception as e:  # noqa: BLE001
             setup_error = f"make_inputs: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         for cfg in configs:
             error = setup_error
-            if error is None:
+            if error is None and not_applicable is None:
                 try:
                     kernel.run(inputs, dict(cfg))
                 except Exception as e:  # noqa: BLE001  (any failure is the finding)
@@ -229,7 +236,7 @@ def check_kernel(kernel: TunableKernel, shape: dict, dtype: torch.dtype, configs
             builds = _distinct_builds(launched)
             launched.clear()
             rows.append(CheckRow(kernel.name, dict(shape), str(dtype).replace("torch.", ""), dict(cfg),
-                                 dict(cfg) == default, error, builds))
+                                 dict(cfg) == default, error, builds, not_applicable))
     return rows
 
 
@@ -243,17 +250,27 @@ def run_check(kernels: Optional[Sequence[str]] = None, preset: str = "models", d
 
     reg = registered()
     if configs == "tuned":
-        from .database import TuningDB
+        from .database import TuningDB, parse_shape_key
 
         if not slug:
             raise ValueError("configs='tuned' needs the device slug of a tuning database (e.g. NVIDIA_H100_80GB_HBM3)")
-        wanted = set(kernels) if kernels else None
+        unknown = sorted(set(kernels or ()) - set(reg))
+        if unknown:
+            raise ValueError(f"unknown kernel(s) {unknown}; registered: {sorted(reg)}")
         jobs: dict[tuple, list[dict]] = {}
-        for kernel, dtype, _key, entry, _source in TuningDB(slug).entries():
-            if kernel in reg and (wanted is None or kernel in wanted) and entry.get("config"):
-                shape = {k: int(v) for k, v in entry["shape"].items()}
-                cfg = dict(reg[kernel].default(shape), **entry["config"])
-                jobs.setdefault((kernel, tuple(shape.items()), dtype), []).append(cfg)
+        for kernel, dtype, key, entry, _source in TuningDB(slug).entries():
+            if kernel not in reg:
+                print(f"compile-check: {slug}: entry for unregistered kernel {kernel!r} skipped", file=sys.stderr)
+                continue
+            if (kernels and kernel not in kernels) or not entry.get("config"):
+                continue
+            # an entry's own shape (the bucket's key when it has none, as database.lookup reads it)
+            shape = {k: int(v) for k, v in (entry.get("shape") or parse_shape_key(key)).items()}
+            cfg = dict(reg[kernel].default(shape), **entry["config"])
+            jobs.setdefault((kernel, tuple(shape.items()), dtype), []).append(cfg)
+        if not jobs:
+            raise ValueError(f"tuning database {slug!r} holds no entry to check (shipped or user file; see "
+                             "`tritonlab autotune --show --slug ...`)")
         todo = [(reg[k], dict(shape), parse_dtype(dt), cfgs) for (k, shape, dt), cfgs in jobs.items()]
     else:
         todo = [(reg[job.kernel], job.shape_dict, parse_dtype(job.dtype), configs)
@@ -289,6 +306,8 @@ def _describe(row: CheckRow, limit: int) -> str:
     cfg = ",".join(f"{k}={v}" for k, v in row.config.items())
     shape = ",".join(f"{k}={v}" for k, v in row.shape.items())
     head = f"{row.kernel:<18} {shape:<40} {row.dtype:<9} {cfg}"
+    if row.not_applicable:
+        return f"{head}\n    n/a: {row.not_applicable}"
     if row.error:
         return f"{head}\n    FAILED {row.error}"
     parts = []
@@ -324,12 +343,20 @@ def run(args: argparse.Namespace) -> int:
         print("--configs tuned needs --slug (a file name in autotune/configs/ or $TRITONLAB_CONFIG_DIR, "
               "without .json)", file=sys.stderr)
         return 2
-    rows = run_check(args.kernel, args.preset, args.dtype, args.configs, args.arch,
-                     on_row=lambda r: print(_describe(r, limit), flush=True), slug=args.slug)
+    try:
+        rows = run_check(args.kernel, args.preset, args.dtype, args.configs, args.arch,
+                         on_row=lambda r: print(_describe(r, limit), flush=True), slug=args.slug)
+    except ValueError as e:
+        print(f"tritonlab compile-check: {e}", file=sys.stderr)
+        return 2
     failed = [r for r in rows if r.problems(limit)]
+    if args.configs == "tuned" and (args.preset != "models" or args.dtype):
+        print("compile-check: --preset and --dtype do not apply to --configs tuned (the database's entries are checked)",
+              file=sys.stderr)
     spilled = [r for r in rows if any(b.stack for b in r.builds)]
     print(f"\n{len(rows)} config(s) compiled for sm_{args.arch} in {time.perf_counter() - start:.0f} s: "
-          f"{len(failed)} failed or cannot launch, {len(spilled)} spill registers")
+          f"{len(failed)} failed or cannot launch, {len(spilled)} spill registers, "
+          f"{sum(1 for r in rows if r.not_applicable)} n/a")
     for r in failed:
         print(f"  {r.kernel} {r.shape} {r.dtype} {r.config}: {'; '.join(r.problems(limit))}")
     if args.json:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from ..kernels._backend import compile_target
+from ..kernels._backend import compile_target, shared_memory_per_block
 from ..kernels._triton import HAS_TRITON, interpreting
 from ..kernels._tuning import TunableKernel
 from .database import config_key, new_entry
@@ -89,13 +89,9 @@ def _is_pow2(v: Any) -> bool:
 def smem_limit(device: torch.device) -> Optional[int]:
     """Shared memory a block may opt into on this GPU (bytes), None when unknown or not a GPU; the
     target's while compiling without a GPU (offline.compile_only)."""
-    target = compile_target()
-    if target is not None:
-        return target.shared_memory
-    if device.type != "cuda" or interpreting() or not torch.cuda.is_available():
+    if compile_target() is None and (device.type != "cuda" or interpreting() or not torch.cuda.is_available()):
         return None
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", None) or getattr(props, "shared_memory_per_block", None)
+    return shared_memory_per_block(device)
 
 
 def smem_estimate(kernel: TunableKernel, shape: Mapping[str, int], config: Mapping[str, Any],

@@ -54,6 +54,23 @@ def compile_target() -> Optional[CompileTarget]:
     return _compile_target
 
 
+_SMEM_PER_BLOCK: dict[int, int] = {}
+
+
+def shared_memory_per_block(device: torch.device) -> Optional[int]:
+    """Shared memory one block may opt into on `device`, bytes: the compile target's in compile-only
+    mode, the CUDA device's (cached per device), else None (CPU tensors: the interpreter has no limit)."""
+    if _compile_target is not None:
+        return _compile_target.shared_memory
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM_PER_BLOCK:
+        props = torch.cuda.get_device_properties(idx)
+        _SMEM_PER_BLOCK[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+    return _SMEM_PER_BLOCK[idx]
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Return "triton" or "torch" for an op whose tensors live on `device`."""
     if backend not in BACKENDS:

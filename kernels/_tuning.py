@@ -50,6 +50,12 @@ class TunableKernel:
     smem_bytes: Optional[Callable[[Shape, Config, torch.dtype], int]] = None
 
 
+class NotApplicable(RuntimeError):
+    """Raised by a TunableKernel's make_inputs when the kernel does not exist for this device and
+    dtype (fp8 GEMMs below compute capability 8.9): one clear reason instead of a compile failure
+    per config. The tuner reports the job failed with this reason; compile-check reports it n/a."""
+
+
 _REGISTRY: dict[str, TunableKernel] = {}
 _provider: Optional[Callable[[str, Shape, torch.dtype, torch.device], Optional[Config]]] = None
 

@@ -71,7 +71,7 @@ def test_tuned_entries_are_checked_as_the_gpu_would_launch_them(tmp_path):
     from tritonlab.autotune.database import TuningFile, new_entry, shape_key
 
     db = tmp_path / "configs"
-    tuned = {"BLOCK": 1024, "num_warps": 8}
+    tuned = {"BLOCK": 1024}  # num_warps comes from the shape's default, as the kernels merge it
     TuningFile(db / "FAKE_GPU.json").put("cc_copy", "float32", shape_key({"N": 5000}), new_entry(
         config=tuned, time_ms=1.0, default_config={"BLOCK": 128, "num_warps": 4}, default_time_ms=2.0,
         shape={"N": 5000}, device="fake"))
@@ -80,9 +80,21 @@ def test_tuned_entries_are_checked_as_the_gpu_would_launch_them(tmp_path):
                  "--import", "compile_check_plugin", "--json", str(out)], env={"TRITONLAB_CONFIG_DIR": str(db)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
-    assert row["kernel"] == "cc_copy" and row["shape"] == {"N": 5000} and row["config"] == tuned
+    assert row["kernel"] == "cc_copy" and row["shape"] == {"N": 5000} and row["config"] == {"BLOCK": 1024, "num_warps": 4}
     assert row["error"] is None and row["builds"][0]["name"] == "_copy_kernel"
     assert _run(["-m", "tritonlab.cli", "compile-check", "--configs", "tuned"]).returncode == 2  # no --slug
+    empty = _run(["-m", "tritonlab.cli", "compile-check", "--configs", "tuned", "--slug", "NO_SUCH_GPU"],
+                 env={"TRITONLAB_CONFIG_DIR": str(db)})
+    assert empty.returncode == 2 and "holds no entry" in empty.stderr
+
+
+def test_fp8_is_not_applicable_below_sm89():
+    """On sm_80 the fp8 GEMM does not exist (Triton has no e4m3 there): n/a, not a failure; int8 compiles."""
+    proc = _run(["-m", "tritonlab.cli", "compile-check", "--arch", "80", "--kernel", "scaled_matmul",
+                 "--preset", "small"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "n/a: fp8_e4m3 GEMMs need compute capability >= 8.9" in proc.stdout
+    assert "scaled_mm_kernel" in proc.stdout and "0 failed" in proc.stdout
 
 
 def test_compile_only_restores_triton_and_the_backend_rule():

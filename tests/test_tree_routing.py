@@ -312,3 +312,38 @@ def test_route_space_is_pruned_to_the_gpu_shared_memory():
     assert too_big not in kept and fits in kept
     assert any("shared memory" in reason for reason in why.values())
     assert kernel.default(shape) in kept
+
+
+def test_walk_config_fits_the_gpu_shared_memory(monkeypatch, device):
+    """The resident fp32 default needs 192 KB of shared memory at D=768: on a GPU with less (A100:
+    163 KB a block) the launcher streams x in 128-wide chunks instead, and still routes exactly."""
+    from tritonlab.kernels import _backend
+    from tritonlab.kernels.tree_routing import ops
+
+    default = registered()["tree_route"].default({"T": 300, "D": 768, "depth": 5})
+    assert default["BLOCK_D"] == 1024 and ops._route_smem({"D": 768}, default, torch.float32) == 196608
+    fitted = ops._fit_shared_memory(default, 768, torch.float32, 166912)
+    assert fitted == dict(default, BLOCK_D=128) and ops._route_smem({"D": 768}, fitted, torch.float32) <= 166912
+    assert ops._fit_shared_memory(default, 768, torch.float32, None) == default
+    assert ops._fit_shared_memory(default, 768, torch.bfloat16, 166912) == default  # 96 KB fits
+    tiny = ops._fit_shared_memory(default, 768, torch.float32, 8192)  # fewer dense levels as a last resort
+    assert tiny["DENSE_LEVELS"] < default["DENSE_LEVELS"] and ops._route_smem({"D": 768}, tiny, torch.float32) <= 8192
+
+    launched = []
+    real = ops.tree_walk_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["BLOCK_D"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ops, "tree_walk_kernel", Spy())
+    monkeypatch.setattr(_backend, "shared_memory_per_block", lambda dev: 166912)
+    monkeypatch.setattr(ops, "shared_memory_per_block", lambda dev: 166912)
+    nw, nb = tree(5, 768, torch.float32, device)
+    x = separated_tokens(300, 768, nw, nb, torch.float32, device)
+    leaf = tritonlab.tree_route(x, nw, nb, backend="triton")
+    assert launched == [128]
+    np.testing.assert_array_equal(leaf.cpu().numpy(), ref.tree_route_ref(np64(x), np64(nw), np64(nb)))

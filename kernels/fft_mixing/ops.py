@@ -189,7 +189,7 @@ def _conv_space(shape, causal: bool) -> list[dict]:
             if bd <= 8 and rows == 1:  # under 32 bytes of channels per row: also try sequence-contiguous staging
                 out.append({"BLOCK_D": bd, "ROWS": rows, "num_warps": nw, "SEQ_MAJOR": 1})
             # the row-DFT middle a slice of bins at a time (fused_conv_kernel's ROW_SLICE): whole
-            # [P2, P2] tables spill at P2 = 64 on sm_90 (S = 4096 default: 255 registers + 132 B)
+            # [P2, P2] tables spill at P2 = 64 on sm_90 (S = 4096 bf16 default: 255 registers + 56 B)
             for row_slice in (16, 32):
                 if row_slice < plan.P2 and nw >= 4:
                     out.append({"BLOCK_D": bd, "ROWS": rows, "num_warps": nw, "ROW_SLICE": row_slice})
@@ -291,6 +291,9 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     seq_major = bool(cfg.get("SEQ_MAJOR", 0))
     xk = x.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else x
     yk = torch.empty((b, d, s), dtype=y.dtype, device=y.device).transpose(1, 2) if seq_major else y
+    row_slice = int(cfg.get("ROW_SLICE", 0)) if plan.P2 > 1 else 0
+    if row_slice and not (row_slice >= 16 and row_slice & (row_slice - 1) == 0 and plan.P2 % row_slice == 0):
+        raise ValueError(f"ROW_SLICE={row_slice} must be a power of two >= 16 dividing the row tile P2={plan.P2}")
     for b0 in range(0, b, step):
         b1 = min(b, b0 + step)
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
@@ -298,8 +301,7 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         fused_conv_kernel[_grid(cdiv(d, cfg["BLOCK_D"]), cdiv(b1 - b0, rows))](
             xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, *xs.stride(), *ys.stride(),
             skb, N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, MODE=plan.mode, BLOCK_D=cfg["BLOCK_D"],
-            ROWS=rows, PRECISION=_precision(x.dtype), ROW_SLICE=cfg.get("ROW_SLICE", 0) if plan.P2 > 1 else 0,
-            num_warps=cfg["num_warps"])
+            ROWS=rows, PRECISION=_precision(x.dtype), ROW_SLICE=row_slice, num_warps=cfg["num_warps"])
     if seq_major:
         y.copy_(yk)
 

@@ -23,9 +23,10 @@ result does not change run to run.
 
 On the CPU a second, unpadded mode exists (SlotLayout's sorted mode: torch._grouped_mm over the
 slots sorted by group, one BLAS call per group), chosen by the same cost count when padding would
-cost more than the per-group calls; measured here it rarely wins with 2 BLAS threads. The two
-large forward temporaries (gathered rows, second-GEMM output) live in per-thread workspaces reused
-across calls, since fresh pages fault on first touch (see _backend.cpu_workspace).
+cost more than the per-group calls; measured here it rarely wins with 2 BLAS threads. The large
+temporaries (gathered rows, second-GEMM output, overflow tiles' gathered weights) live in
+per-thread workspaces reused across calls, since fresh pages fault on first touch (see
+_backend.cpu_workspace).
 
 On the CPU, float16/bfloat16 inputs are computed in float32 (CPU half matmuls are slow and round
 the hidden layer; the weights are converted whole, a copy per call); on CUDA in the input dtype
@@ -225,8 +226,9 @@ class SlotLayout:
         return out
 
     def _tile_weights(self, w: Tensor) -> Tensor:
-        """[n_tiles, K, N]: each overflow tile's group weights, gathered into a reused CPU buffer (a
-        tile of a Mixtral-sized expert gathers 14.7 MB a matrix: fresh pages would fault on every call)."""
+        """[n_tiles, K, N]: each overflow tile's group weights, gathered into a reused CPU buffer (up to
+        cpu_workspace's 64 MB; an expert of D=1024, H=3584 in fp32 is 14.7 MB a matrix, whose fresh
+        pages faulted on every call)."""
         out = cpu_workspace("tile_weights", (self.n_tiles, w.shape[1], w.shape[2]), w.dtype, w.device)
         return torch.index_select(w, 0, self.tile_group, out=out)
 

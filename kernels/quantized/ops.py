@@ -26,9 +26,9 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, compile_target,
-                        new_output, next_pow2, resolve_backend)
+                        new_output, next_pow2, resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
-from .._tuning import TunableKernel, lookup_config, register
+from .._tuning import NotApplicable, TunableKernel, lookup_config, register
 from . import fallback, reference
 from .fallback import QDTYPE, QMAX
 from .triton_kernels import (KIND_E4M3, KIND_E5M2, KIND_INT8, quantize_cols_kernel, quantize_rows_kernel,
@@ -201,23 +201,12 @@ def _quantize_triton(x: torch.Tensor, qname: str, granularity: str, config: Opti
     return q, scale
 
 
-_SMEM_LIMIT: dict[int, int] = {}
-
-
 def _fit_shared_memory(cfg: dict, device: torch.device) -> dict:
     """Fewer pipeline stages (then narrower K tiles) until the 8-bit A and B tiles fit the GPU's shared
     memory: the H100-sized defaults would not launch on a 99 KB part (Ada, consumer Ampere)."""
-    target = compile_target()
-    if target is not None:
-        limit = target.shared_memory
-    elif device.type != "cuda":
+    limit = shared_memory_per_block(device)
+    if limit is None:
         return cfg
-    else:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SMEM_LIMIT:
-            props = torch.cuda.get_device_properties(idx)
-            _SMEM_LIMIT[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
-        limit = _SMEM_LIMIT[idx]
     limit -= 4096  # headroom for the kernel's own scratch
     cfg = dict(cfg)
 
@@ -468,6 +457,9 @@ def _mm_inputs(shape, dtype, device):
     """Quantized operands (through the torch quantizer) of Gaussian activations and weights."""
     g = torch.Generator(device="cpu").manual_seed(0)
     qname = _qname(dtype)
+    if qname.startswith("fp8") and not fp8_supported(device):
+        raise NotApplicable(f"{qname} GEMMs need compute capability >= 8.9 (Ada, Hopper, Blackwell): "
+                            "Triton has no e4m3 type below it")
     x = torch.randn(shape["M"], shape["K"], generator=g).to(device)
     w = (shape["K"] ** -0.5 * torch.randn(shape["N"], shape["K"], generator=g)).to(device)
     a_q, a_s = fallback.quantize_torch(x, qname, "row")

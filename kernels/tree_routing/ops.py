@@ -16,7 +16,7 @@ import torch
 from .._accuracy import rel_error, tolerance
 from .._backend import (check_activation, check_optional, check_same_device, check_same_dtype,
                         check_tensor, cdiv, dispatch, flatten_tokens, new_output, next_pow2,
-                        resolve_backend)
+                        resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from ..grouped_gemm.grouping import CountedGrouping
@@ -91,6 +91,18 @@ def _route_smem(shape, cfg, dtype) -> int:
     return 3 * (bt * bd + bd * cols) * elem
 
 
+def _fit_shared_memory(cfg: dict, d: int, dtype: torch.dtype, limit: Optional[int]) -> dict:
+    """The config, or one that fits the GPU's shared memory per block: x streamed in 128-wide chunks
+    instead of resident, then fewer dense levels. The defaults are sized for the H100 and bf16; in
+    fp32 the resident default needs 192 KB, more than an A100 (163 KB) or an L4 (99 KB) has."""
+    if limit is None or _route_smem({"D": d}, cfg, dtype) <= limit:
+        return cfg
+    cfg = dict(cfg, BLOCK_D=min(cfg["BLOCK_D"], 128))
+    while cfg["DENSE_LEVELS"] > 0 and _route_smem({"D": d}, cfg, dtype) > limit:
+        cfg["DENSE_LEVELS"] -= 1
+    return cfg
+
+
 def _fused_default(shape) -> dict:
     return {"BLOCK_D": max(16, min(64, next_pow2(shape["D"]))), "BLOCK_H": max(16, min(32, next_pow2(shape["H"]))),
             "BLOCK_O": max(16, min(128, next_pow2(shape["O"]))), "num_warps": 4}
@@ -116,6 +128,7 @@ def _walk_triton(x, w, b, levels: int, store_leaf: bool, store_path: bool, confi
     """One launch walks every level; `leaf_counts` (zeroed int32 [2**levels]) gets each leaf's token count added."""
     t, d = x.shape
     cfg = config or lookup_config("tree_route", {"T": t, "D": d, "depth": levels}, x.dtype, x.device)
+    cfg = _fit_shared_memory(cfg, d, x.dtype, shared_memory_per_block(x.device))
     dense = min(cfg["DENSE_LEVELS"], levels)
     leaf = new_output((t,), torch.int32, x.device) if store_leaf else x
     path_nodes = new_output((t, levels), torch.int32, x.device) if store_path else x
