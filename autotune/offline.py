@@ -21,8 +21,8 @@ heuristic default; `--configs all` the tuning space as the tuner would try it on
 `--configs tuned --slug S` the entries of device S's tuning database, each at the shape it was tuned
 for (an entry tuned before a kernel changed may no longer compile; this finds it; at run time an
 entry also serves the other shapes of its bucket, not compiled here). A kernel that does not exist
-for the target and dtype (fp8 below sm_89) is reported n/a. While `compile_only` is active, every Triton
-launch in the process (any thread) only compiles. Per compiled kernel it reports registers
+for the target and dtype (fp8 below sm_89) is reported n/a. While `compile_only` is active, every
+Triton launch in the process (any thread) only compiles. Per compiled kernel it reports registers
 per thread and the per-thread stack (spilled registers live there) from `cuobjdump -res-usage`,
 and the dynamic shared memory from the compiled metadata, flagged against the architecture's
 per-block limit. The same argument specializations as a real launch are compiled (alignment and
@@ -55,8 +55,6 @@ from ..kernels._tuning import NotApplicable, TunableKernel, registered
 #: technical specifications per compute capability)
 SHARED_MEMORY_PER_BLOCK = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
                            100: 232448, 103: 232448, 120: 101376}
-#: registers a thread can address; a kernel at this count has likely spilled or been capped
-MAX_REGISTERS = 255
 
 
 @dataclasses.dataclass

@@ -83,7 +83,7 @@ def _route_smem(shape, cfg, dtype) -> int:
     levels needs 288 KB, more than the 227 KB a block can have)."""
     if not cfg.get("DENSE_LEVELS"):
         return 0
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize  # not a tensor: this runs on every launch
     bt, bd = cfg["BLOCK_T"], cfg["BLOCK_D"]
     cols = max(16, next_pow2(2 ** cfg["DENSE_LEVELS"] - 1))
     if bd >= shape["D"]:
