@@ -71,6 +71,26 @@ def shared_memory_per_block(device: torch.device) -> Optional[int]:
     return _SMEM_PER_BLOCK[idx]
 
 
+def fit_pipelined_tiles(cfg: dict, element_bytes: int, device: torch.device) -> dict:
+    """A matmul config (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) whose pipelined A and B tiles fit the
+    device's shared memory per block: fewer stages (down to 2), then narrower K tiles (down to 32).
+    Defaults sized for an H100 (227 KB) would not launch on a 99 KB part (Ada, consumer Ampere)."""
+    limit = shared_memory_per_block(device)
+    if limit is None:
+        return cfg
+    limit -= 4096  # headroom for the kernel's own scratch (epilogue conversions, reductions)
+    cfg = dict(cfg)
+
+    def need(c: dict) -> int:
+        return (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * c["num_stages"] * element_bytes
+
+    while need(cfg) > limit and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need(cfg) > limit and cfg["BLOCK_K"] > 32:
+        cfg["BLOCK_K"] //= 2
+    return cfg
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Return "triton" or "torch" for an op whose tensors live on `device`."""
     if backend not in BACKENDS:

@@ -554,3 +554,38 @@ def test_gpu_public_ops_capture_in_a_cuda_graph():
                      lambda: tritonlab.gather_matmul_scatter(x, w, idx, None, r, "gelu")):
             eager = call()
             assert torch.equal(graph_replay(call)(), eager)
+
+
+def test_gemm_config_fits_the_gpu_shared_memory(monkeypatch, device):
+    """On a GPU with less shared memory than the H100 the defaults assume (an L4: 99 KB a block), the
+    launcher fits the pipelined tiles: fewer stages, then narrower K tiles; the result is unchanged."""
+    from tritonlab.kernels import _backend
+    from tritonlab.kernels.grouped_gemm import ops
+
+    big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    monkeypatch.setattr(_backend, "shared_memory_per_block", lambda dev: 101376)
+    fitted = _backend.fit_pipelined_tiles(big, 4, device)  # fp32: 3 x 64 KB of tiles -> 2 stages of 32 K
+    assert fitted == dict(big, num_stages=2, BLOCK_K=32)
+    assert (128 + 128) * 32 * 2 * 4 <= 101376 - 4096 < (128 + 128) * 64 * 2 * 4
+    assert _backend.fit_pipelined_tiles(big, 2, device) == dict(big, num_stages=2)  # bf16: 64 KB at 2 stages fits
+    monkeypatch.setattr(_backend, "shared_memory_per_block", lambda dev: None)
+    assert _backend.fit_pipelined_tiles(big, 4, device) == big  # CPU / interpreter: no limit
+
+    launched = []
+    real = ops.grouped_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["BLOCK_K"], kwargs["num_stages"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ops, "grouped_gemm_kernel", Spy())
+    monkeypatch.setattr(_backend, "shared_memory_per_block", lambda dev: 101376)
+    x, w = rand(37, 40, device=device), rand(3, 40, 24, device=device)
+    idx = torch.randint(0, 3, (37, 2), device=device)
+    per_slot = ops._gemm(DeviceGrouping(idx, 3), x, w, gather_a=True, scatter=True, config=big)  # [T * k, N]
+    y = per_slot.view(37, 2, 24).sum(1)
+    assert launched == [(32, 2)]
+    assert_close(y, ref.gather_matmul_scatter_ref(np64(x), np64(w), idx.cpu().numpy()), tolerance(torch.float32))

@@ -22,8 +22,8 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (INDEX_DTYPES, check_activation, check_optional, check_same_device, check_same_dtype,
-                        check_tensor, cdiv, dispatch, flatten_tokens, new_output, next_pow2,
-                        resolve_backend)
+                        check_tensor, cdiv, dispatch, fit_pipelined_tiles, flatten_tokens, new_output,
+                        next_pow2, resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -218,6 +218,10 @@ def _gemm(grouping: DeviceGrouping, a: Tensor, w: Tensor, *, gather_a: bool, sca
     n = w.shape[2] // 2 if swiglu else w.shape[2]
     out = new_output((m, n), out_dtype or a.dtype, a.device)
     cfg = dict(config or _gemm_config(grouping.num_tokens, grouping.topk, a, w, swiglu))
+    # fp32 operands stay fp32 in shared memory: the default 128-row tiles need ~128 KB then, more
+    # than a 99 KB GPU (L4, consumer parts) has (compile-check --arch 89); every config is fitted,
+    # as in quantized/ops.py
+    cfg = fit_pipelined_tiles(cfg, a.element_size(), a.device)
     if grouping.direct:
         cfg["BLOCK_M"] = max(16, next_pow2(m))
         tile_group = tile_row = sorted_slot = offsets = grouping.ids

@@ -26,7 +26,7 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, compile_target,
-                        new_output, next_pow2, resolve_backend, shared_memory_per_block)
+                        fit_pipelined_tiles, new_output, next_pow2, resolve_backend)
 from .._triton import interpreting
 from .._tuning import NotApplicable, TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -201,25 +201,6 @@ def _quantize_triton(x: torch.Tensor, qname: str, granularity: str, config: Opti
     return q, scale
 
 
-def _fit_shared_memory(cfg: dict, device: torch.device) -> dict:
-    """Fewer pipeline stages (then narrower K tiles) until the 8-bit A and B tiles fit the GPU's shared
-    memory: the H100-sized defaults would not launch on a 99 KB part (Ada, consumer Ampere)."""
-    limit = shared_memory_per_block(device)
-    if limit is None:
-        return cfg
-    limit -= 4096  # headroom for the kernel's own scratch
-    cfg = dict(cfg)
-
-    def need(c):
-        return (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * c["num_stages"]
-
-    while need(cfg) > limit and cfg["num_stages"] > 2:
-        cfg["num_stages"] -= 1
-    while need(cfg) > limit and cfg["BLOCK_K"] > 32:
-        cfg["BLOCK_K"] //= 2
-    return cfg
-
-
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
@@ -237,8 +218,9 @@ def _scaled_mm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: 
     if quant_out is not None:
         cfg = dict(cfg, BLOCK_N=max(16, next_pow2(n)))  # one column tile per row
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, 128 * 256 // cfg["BLOCK_N"]))
-    if config is None:  # an explicit config (the tuner's) runs as given; looked-up ones are fitted
-        cfg = _fit_shared_memory(cfg, a.device)
+    # every config is fitted, the tuner's too: the fit is a function of (config, device), so a tuned
+    # entry runs later exactly as it was measured, and a config too big for this GPU still launches
+    cfg = fit_pipelined_tiles(cfg, 1, a.device)  # 8-bit A and B tiles
     quant = {}
     if quant_out is not None:
         kind, mant, emin = _GRID[quant_out]
