@@ -438,7 +438,10 @@ register(TunableKernel(
 def _mm_inputs(shape, dtype, device):
     """Quantized operands (through the torch quantizer) of Gaussian activations and weights."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    qname = _qname(dtype)
+    try:
+        qname = _qname(dtype)
+    except ValueError as e:  # `--dtype float32` asked of every kernel: this one takes 8-bit operands only
+        raise NotApplicable(f"scaled_matmul tunes 8-bit operand dtypes: {e}") from None
     if qname.startswith("fp8") and not fp8_supported(device):
         raise NotApplicable(f"{qname} GEMMs need compute capability >= 8.9 (Ada, Hopper, Blackwell): "
                             "Triton has no e4m3 type below it")
