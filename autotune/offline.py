@@ -242,8 +242,8 @@ def run_check(kernels: Optional[Sequence[str]] = None, preset: str = "models", d
               configs: str = "default", arch: int = 90, on_row=None, slug: Optional[str] = None) -> list[CheckRow]:
     """compile-check over the registry's jobs (runner.plan), `configs` as check_kernel's; or, with
     configs="tuned", over the entries of device `slug`'s tuning database (shipped file and user
-    file, as the kernels read them: each entry's config over its shape's default), which is what
-    that GPU launches."""
+    file, as the kernels read them: each entry's config over its shape's default, compiled at the
+    shape it was tuned for)."""
     from .runner import parse_dtype, plan
 
     reg = registered()
