@@ -20,3 +20,20 @@ def np64(t: torch.Tensor | None) -> np.ndarray | None:
     """The exact values of a (possibly low-precision) tensor as float64 NumPy, for references."""
     return None if t is None else to_numpy(t)
 
+
+
+def record_launches(monkeypatch, module, kernel_name: str, *keys: str) -> list:
+    """Replace `module.<kernel_name>` by a proxy that launches the real kernel and records, per launch,
+    the tuple of the named launch keyword arguments (block sizes, constexprs, num_stages, ...)."""
+    launched: list = []
+    real = getattr(module, kernel_name)
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(tuple(kwargs[k] for k in keys))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, _Recorder())
+    return launched

@@ -17,7 +17,7 @@ from tritonlab.kernels._tuning import registered
 from tritonlab.kernels._triton import HAS_TRITON, jit, tl
 from tritonlab.kernels.fft_mixing.triton_kernels import _conv_address, _offsets
 
-from helpers import DTYPES, assert_close, np64, rand, tolerance
+from helpers import DTYPES, assert_close, np64, rand, record_launches, tolerance
 
 SEQ_LENS = [1, 2, 3, 5, 8, 12, 17, 48, 100]
 #: float32 gradients (fp32 forward and backward, compared with float64)
@@ -267,22 +267,12 @@ def test_fused_kernel_configs(device, s, cfg):
 def test_row_slice_reaches_the_kernel_and_is_checked(monkeypatch, device):
     """The launcher passes ROW_SLICE through (the sliced and whole paths give the same numbers, so
     the result alone would not show it) and rejects a slice that does not tile the row DFT."""
-    seen = []
-    real = ops.fused_conv_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["ROW_SLICE"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(ops, "fused_conv_kernel", Spy())
+    seen = record_launches(monkeypatch, ops, "fused_conv_kernel", "ROW_SLICE")
     x = rand(2, 1000, 3, device=device)
     filt = cfilt(1, 501, 3, device=device)  # [Bf, S // 2 + 1, D], shared by the batch
     plan = plans.conv_plan(1000, False)  # P2 = 32
     y = ops._conv_triton(x, plan, {"BLOCK_D": 1, "ROWS": 1, "num_warps": 4, "ROW_SLICE": 16}, filt=filt)
-    assert seen == [16]
+    assert seen == [(16,)]
     assert_close(y, ref.spectral_filter_ref(np64(x), np64(filt)), tolerance(torch.float32))
     for bad in (48, 8, 64):
         with pytest.raises(ValueError, match=f"ROW_SLICE={bad} must be"):

@@ -13,7 +13,7 @@ from tritonlab.kernels.grouped_gemm import reference as ref
 from tritonlab.kernels.grouped_gemm.fallback import SlotLayout
 from tritonlab.kernels.grouped_gemm.grouping import CountedGrouping, DeviceGrouping
 
-from helpers import DTYPES, assert_close, graph_replay, np64, rand, tolerance
+from helpers import DTYPES, assert_close, graph_replay, np64, rand, record_launches, tolerance
 
 
 def routing(t, k, g, kind, device):
@@ -571,17 +571,7 @@ def test_gemm_config_fits_the_gpu_shared_memory(monkeypatch, device):
     monkeypatch.setattr(_backend, "shared_memory_per_block", lambda dev: None)
     assert _backend.fit_pipelined_tiles(big, 4, device) == big  # CPU / interpreter: no limit
 
-    launched = []
-    real = ops.grouped_gemm_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((kwargs["BLOCK_K"], kwargs["num_stages"]))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(ops, "grouped_gemm_kernel", Spy())
+    launched = record_launches(monkeypatch, ops, "grouped_gemm_kernel", "BLOCK_K", "num_stages")
     monkeypatch.setattr(_backend, "shared_memory_per_block", lambda dev: 101376)
     x, w = rand(37, 40, device=device), rand(3, 40, 24, device=device)
     idx = torch.randint(0, 3, (37, 2), device=device)

@@ -9,7 +9,7 @@ import tritonlab
 from tritonlab.kernels.tree_routing import reference as ref
 from tritonlab.kernels._tuning import registered
 
-from helpers import DTYPES, assert_close, graph_replay, np64, rand, tolerance
+from helpers import DTYPES, assert_close, graph_replay, np64, rand, record_launches, tolerance
 
 # A token whose logit at some node is within rounding of 0 may take either child in finite
 # precision; inputs are drawn so that every token clears this margin (relative to |x| |w|).
@@ -329,21 +329,11 @@ def test_walk_config_fits_the_gpu_shared_memory(monkeypatch, device):
     tiny = ops._fit_shared_memory(default, 768, torch.float32, 8192)  # fewer dense levels as a last resort
     assert tiny["DENSE_LEVELS"] < default["DENSE_LEVELS"] and ops._route_smem({"D": 768}, tiny, torch.float32) <= 8192
 
-    launched = []
-    real = ops.tree_walk_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["BLOCK_D"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(ops, "tree_walk_kernel", Spy())
+    launched = record_launches(monkeypatch, ops, "tree_walk_kernel", "BLOCK_D")
     monkeypatch.setattr(_backend, "shared_memory_per_block", lambda dev: 166912)
     monkeypatch.setattr(ops, "shared_memory_per_block", lambda dev: 166912)
     nw, nb = tree(5, 768, torch.float32, device)
     x = separated_tokens(300, 768, nw, nb, torch.float32, device)
     leaf = tritonlab.tree_route(x, nw, nb, backend="triton")
-    assert launched == [128]
+    assert launched == [(128,)]
     np.testing.assert_array_equal(leaf.cpu().numpy(), ref.tree_route_ref(np64(x), np64(nw), np64(nb)))
