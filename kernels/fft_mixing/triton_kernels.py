@@ -389,15 +389,15 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dd < D
     # row k1 * N2 + n2 < M + P2 (M <= plans.MAX_SPLIT_M): int32 is safe before the widening
-    a_base = ar_ptr + pid_b * stride_ab
+    a_row = pid_b * stride_ab  # this batch row's [N1, N2, D] block of A (real and imaginary planes)
     zr = tl.zeros((P2, BLOCK_D), dtype=tl.float32)
     zi = tl.zeros((P2, BLOCK_D), dtype=tl.float32)
     for j0 in range(0, P2, CHUNK):
         j = j0 + c
         a_off = _offsets(k1 * N2 + j[:, None], D, dd[None, :], 1)
         amask = (j < N2)[:, None] & dmask[None, :]
-        xr = tl.load(a_base + a_off, mask=amask, other=0.0)
-        xi = tl.load(ai_ptr + pid_b * stride_ab + a_off, mask=amask, other=0.0)
+        xr = tl.load(ar_ptr + a_row + a_off, mask=amask, other=0.0)
+        xi = tl.load(ai_ptr + a_row + a_off, mask=amask, other=0.0)
         t_off = r[:, None] * P2 + j[None, :]  # F2[:, j]
         fr = tl.load(f2_ptr + t_off)
         fi = tl.load(f2_ptr + P2 * P2 + t_off)
@@ -422,7 +422,7 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
             tphase = (k1.to(tl.int64) * n.to(tl.int64)) % M
             tr = tl.load(twc_ptr + tphase)[None, :]
             ti = tl.load(twc_ptr + M + tphase)[None, :]
-            o_off = pid_b * stride_ab + _offsets(k1 * N2 + n[None, :], D, dd[:, None], 1)
+            o_off = a_row + _offsets(k1 * N2 + n[None, :], D, dd[:, None], 1)
             omask = (n < N2)[None, :] & dmask[:, None]
             # times conj(W_M^(k1 n2)) = cos + i sin
             tl.store(ar_ptr + o_off, btr * tr - bti * ti, mask=omask)
