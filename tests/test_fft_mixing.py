@@ -279,6 +279,31 @@ def test_row_slice_reaches_the_kernel_and_is_checked(monkeypatch, device):
             ops._conv_triton(x, plan, {"BLOCK_D": 1, "ROWS": 1, "num_warps": 4, "ROW_SLICE": bad}, filt=filt)
 
 
+@pytest.mark.parametrize("s,half", [
+    (1024, True),  # causal M = 2048 = 64 x 32: positions fill rows n1 < 32 exactly (S = M / 2)
+    (1000, True),  # the last used row partly filled
+    (513, True),  # M = 2048 for just over M / 4: rows 0..16 used, the rest of the half tile zero
+    (24, True),  # dense causal DFT, M = 64 = P1
+    (100, False),  # causal M = 256 = 16 x 16: a 16-row tile cannot be halved (a dot needs 16)
+])
+def test_causal_transforms_load_and_store_half_the_rows(monkeypatch, device, s, half):
+    """A causal transform of M >= 2S - 1 points has its inputs and outputs in the first half of the
+    first factor's rows: fused_conv_kernel gets HALF_IO then (half the x and y tiles, a quarter less
+    dot work) and the result is still the reference's; circular transforms never halve."""
+    seen = record_launches(monkeypatch, ops, "fused_conv_kernel", "HALF_IO")
+    b, d = 2, 3
+    x = rand(b, s, d, device=device)
+    k = rand(s, d, device=device, scale=s**-0.5)
+    plan = plans.conv_plan(s, True)
+    for bd in (1, 2):
+        cfg = {"BLOCK_D": max(bd, plan.min_block), "ROWS": 1, "num_warps": 4}
+        y = ops._conv_triton(x, plan, cfg, k=k)
+        assert_close(y, ref.fft_conv_ref(np64(x), np64(k), True), tolerance(torch.float32))
+    y = tritonlab.fft_conv(x, k, causal=False, backend="triton")
+    assert_close(y, ref.fft_conv_ref(np64(x), np64(k), False), tolerance(torch.float32))
+    assert seen == [(half,), (half,), (False,)]
+
+
 # ----------------------------------------------------------------------------- gradients
 
 def _torch_formula(op, x, p, causal=True):

@@ -301,7 +301,8 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         fused_conv_kernel[_grid(cdiv(d, cfg["BLOCK_D"]), cdiv(b1 - b0, rows))](
             xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, *xs.stride(), *ys.stride(),
             skb, N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, MODE=plan.mode, BLOCK_D=cfg["BLOCK_D"],
-            ROWS=rows, PRECISION=_precision(x.dtype), ROW_SLICE=row_slice, num_warps=cfg["num_warps"])
+            ROWS=rows, PRECISION=_precision(x.dtype), ROW_SLICE=row_slice, HALF_IO=plan.half_io,
+            num_warps=cfg["num_warps"])
     if seq_major:
         y.copy_(yk)
 
@@ -331,13 +332,14 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     ai = new_output((chunk, n1, cols), torch.float32, x.device)
     skb = 0 if kr.shape[0] == 1 else kr.stride(0)
     bk, bc, bn, nw = cfg["BLOCK_K"], cfg["BLOCK_C"], cfg["BLOCK_N"], cfg["num_warps"]
+    # causal: output rows n1 >= cdiv(S, N2) hold no position < S, so no program computes them
+    out_rows = min(n1, cdiv(s, n2)) if plan.mode == plans.CAUSAL else n1
     for b0 in range(0, b, chunk):
         b1 = min(b, b0 + chunk)
         nb = b1 - b0
         xs, ys = x[b0:b1], y[b0:b1]
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
-        grid = _grid(cdiv(cols, bc), cdiv(n1, bk), nb)
-        dft_gemm_kernel[grid](
+        dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(n1, bk), nb)](
             xs, xs, ar, ai, circ1, circm, n1, cols, s, n2, d, m,
             xs.stride(0), 0, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=False, COMPLEX_OUT=True, IN_MODE=plan.mode, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
@@ -346,7 +348,7 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
             ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0,
             P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"],
             PRECISION=prec, num_warps=nw)
-        dft_gemm_kernel[grid](
+        dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(out_rows, bk), nb)](
             ar, ai, ys, ys, circ1, circ1, n1, cols, s, n2, d, m,
             ar.stride(0), ar.stride(1), 1, ys.stride(0), 0, 1,
             SIGN=1, COMPLEX_IN=True, COMPLEX_OUT=False, IN_MODE=-1, OUT_MODE=plan.mode, TWIDDLE=False, NEED_IMAG=False,

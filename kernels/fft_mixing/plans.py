@@ -80,11 +80,19 @@ class Plan:
     def max_block(self) -> int:
         return max(self.min_block, MAX_TILE // (self.P1 * self.P2))
 
+    @property
+    def half_io(self) -> bool:
+        """A causal transform whose first factor fills its tile (N1 = P1, at least 32 so that half a
+        tile is still a dot operand): its S <= M / 2 positions lie in the first P1 / 2 rows, so the
+        fused kernel loads x and computes y for those rows only (fused_conv_kernel's HALF_IO)."""
+        return self.mode == CAUSAL and self.N1 == self.P1 >= 32
+
     def flops(self) -> float:
         """Real multiply-adds per channel of a forward + inverse (the cost model that picks plans)."""
+        first = (2.0 if self.half_io else 4.0) * self.P1 * self.P1  # first and last stage, x P2
         if self.dense:
-            return 4.0 * self.P1 * self.P1
-        return 4.0 * self.P1 * self.P1 * self.P2 + 8.0 * self.P1 * self.P2 * self.P2
+            return first
+        return first * self.P2 + 8.0 * self.P1 * self.P2 * self.P2
 
     def describe(self) -> str:
         if self.split:

@@ -56,6 +56,12 @@ def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr):
 
 
 @jit
+def _load_block(ptr, R: tl.constexpr, C: tl.constexpr, LD: tl.constexpr):
+    """The top-left [R, C] block of a row-major table with LD columns."""
+    return tl.load(ptr + tl.arange(0, R)[:, None] * LD + tl.arange(0, C)[None, :])
+
+
+@jit
 def _to_rows(t, P1: tl.constexpr, P2: tl.constexpr, BD: tl.constexpr):
     """[P1, P2 * BD] (row n1, column n2 * BD + d) -> [P1 * BD, P2] (row n1 * BD + d, column n2)."""
     return tl.reshape(tl.permute(tl.reshape(t, (P1, P2, BD)), (0, 2, 1)), (P1 * BD, P2))
@@ -89,7 +95,7 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
                       B, S, D, stride_xb, stride_xs, stride_xd, stride_yb, stride_ys, stride_yd, stride_kb,
                       N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                       MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
-                      ROW_SLICE: tl.constexpr = 0):
+                      ROW_SLICE: tl.constexpr = 0, HALF_IO: tl.constexpr = 0):
     """y[b, :, d] = IDFT_M(K[:, d] * DFT_M(x[b, :, d] mapped by MODE)) for a block of channels d and
     ROWS consecutive batch rows. x and y are addressed as [B, S, D] through their strides (channels
     contiguous, or the sequence contiguous when the launcher staged them channel-major).
@@ -101,17 +107,24 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
     row DFT, the spectrum multiply and the inverse row DFT run as one loop over ROW_SLICE-bin slices
     of the row spectrum (B = sum over slices c of Y[:, c] conj(F2)[c, :]), so the tables and the
     spectrum are live a slice at a time: fewer registers for a loop (see ops._conv_space).
+    HALF_IO (causal, N1 = P1 >= 32; set by the launcher): positions n = n1 * N2 + n2 < S <= M / 2 lie
+    in the first P1 / 2 rows n1, so x is loaded and y computed for those rows only: the first
+    column DFT multiplies F1[:, :P1/2] by the half tile and the last produces half the rows (a
+    quarter of the dot work of a causal transform, and half its x and y tiles, saved exactly).
     """
     pid_d = tl.program_id(0)
     pid_g = tl.program_id(1)
     d0 = pid_d * BLOCK_D
-    # natural layout [P1, P2 * BLOCK_D]: row n1, column n2 * BLOCK_D + dd (channels fastest: coalesced)
+    # natural layout [P1, P2 * BLOCK_D]: row n1, column n2 * BLOCK_D + dd (channels fastest: coalesced);
+    # x and y tiles have the first RIO of those rows
+    RIO: tl.constexpr = P1 // 2 if HALF_IO else P1
     rows = tl.arange(0, P1)
+    rows_io = tl.arange(0, RIO)
     cols = tl.arange(0, P2 * BLOCK_D)
     n2 = cols // BLOCK_D
     d = d0 + cols % BLOCK_D
-    n = rows[:, None] * N2 + n2[None, :]
-    valid = (rows < N1)[:, None] & ((n2 < N2) & (d < D))[None, :]
+    n = rows_io[:, None] * N2 + n2[None, :]
+    valid = (rows_io < N1)[:, None] & ((n2 < N2) & (d < D))[None, :]
     if MODE == 2:
         src = n % S
         lmask = valid & (n < 2 * S)
@@ -125,14 +138,14 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
     x_off = _offsets(src, stride_xs, d[None, :], stride_xd)
     y_off = _offsets(dst, stride_ys, d[None, :], stride_yd)
     if P2 > 1:
-        # the four-step output is produced transposed, [P2 * BLOCK_D, P1] (row n2 * BLOCK_D + dd,
+        # the four-step output is produced transposed, [P2 * BLOCK_D, RIO] (row n2 * BLOCK_D + dd,
         # column n1): the permuted tile then feeds the last dot as its A operand (as a B operand,
         # Triton 3.9's tf32 dot-operand pass rejects the shared layout it derives for it)
         t_rows = tl.arange(0, P2 * BLOCK_D)
         t_n2 = t_rows // BLOCK_D
         t_d = d0 + t_rows % BLOCK_D
-        t_n = rows[None, :] * N2 + t_n2[:, None]
-        t_valid = (rows < N1)[None, :] & ((t_n2 < N2) & (t_d < D))[:, None]
+        t_n = rows_io[None, :] * N2 + t_n2[:, None]
+        t_valid = (rows_io < N1)[None, :] & ((t_n2 < N2) & (t_d < D))[:, None]
         if MODE == 2:
             y_off = _offsets(t_n - S, stride_ys, t_d[:, None], stride_yd)
             smask = t_valid & (t_n >= S) & (t_n < 2 * S)
@@ -162,8 +175,8 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
         b64 = b.to(tl.int64)
         x = tl.load(x_ptr + b64 * stride_xb + x_off, mask=lmask & live, other=0.0).to(tl.float32)
         # column DFTs of a real tile: 2 dots
-        ar = _mm(_load_mat(f1_ptr, P1, P1), x, PRECISION)
-        ai = _mm(_load_mat(f1_ptr + P1 * P1, P1, P1), x, PRECISION)
+        ar = _mm(_load_block(f1_ptr, P1, RIO, P1), x, PRECISION)
+        ai = _mm(_load_block(f1_ptr + P1 * P1, P1, RIO, P1), x, PRECISION)
         k_base = b64 * stride_kb
         if P2 == 1:
             kr = tl.load(kr_ptr + k_base + koff, mask=kmask & live, other=0.0)
@@ -171,7 +184,8 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
             yr = ar * kr - ai * ki
             yi = ar * ki + ai * kr
             # real part of conj(F1) @ Y: 2 dots
-            out = _mm(_load_mat(f1_ptr, P1, P1), yr, PRECISION) + _mm(_load_mat(f1_ptr + P1 * P1, P1, P1), yi, PRECISION)
+            out = (_mm(_load_block(f1_ptr, RIO, P1, P1), yr, PRECISION)
+                   + _mm(_load_block(f1_ptr + P1 * P1, RIO, P1, P1), yi, PRECISION))
         else:
             ar, ai = _twiddle_to_rows(ar, ai, tw_ptr, toff, P1, P2, BLOCK_D)
             if ROW_SLICE == 0:
@@ -213,8 +227,8 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
             cr = br * rtwr + bi * rtwi  # times conj(twiddle)
             ci = bi * rtwr - br * rtwi
             # real part of (conj(F1) @ C)^T = C^T @ conj(F1) (F1 is symmetric): 2 dots
-            out = (_mm(_rows_to_t(cr, P1, P2, BLOCK_D), _load_mat(f1_ptr, P1, P1), PRECISION)
-                   + _mm(_rows_to_t(ci, P1, P2, BLOCK_D), _load_mat(f1_ptr + P1 * P1, P1, P1), PRECISION))
+            out = (_mm(_rows_to_t(cr, P1, P2, BLOCK_D), _load_block(f1_ptr, P1, RIO, P1), PRECISION)
+                   + _mm(_rows_to_t(ci, P1, P2, BLOCK_D), _load_block(f1_ptr + P1 * P1, P1, RIO, P1), PRECISION))
         tl.store(y_ptr + b64 * stride_yb + y_off, out.to(y_ptr.dtype.element_ty), mask=smask & live)
 
 
@@ -315,7 +329,14 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
     acc_r = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     acc_i = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
     x_base = pid_b * stride_xb
-    for n0 in range(0, L, BLOCK_N):
+    # input rows n1 of the convolution addressing hold positions n1 * N2 + n2: past the data (S
+    # causal, 2S periodic) they are all zero, and the sum stops there (half the work when causal)
+    n_end = L
+    if IN_MODE == 1:
+        n_end = tl.minimum(L, (S + N2 - 1) // N2)
+    elif IN_MODE == 2:
+        n_end = tl.minimum(L, (2 * S + N2 - 1) // N2)
+    for n0 in range(0, n_end, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         nmask = nn < L
         phase = (kk64[:, None] * nn.to(tl.int64)[None, :]) % L
