@@ -187,12 +187,14 @@ def test_four_step_paths(device, small_plans, s, circ, causal, fnet_s):
     _check_all_ops(s, 7, device)
 
 
+@pytest.mark.parametrize("table_max", [plans.DENSE_TABLE_MAX, 1])  # DFT GEMMs read whole tables / gather all
 @pytest.mark.parametrize("s,circ,causal", [
     (48, "split 3-pass M=48=3x16", "split 3-pass M=128=8x16"),
     (17, "split 3-pass M=64=4x16 (4-point column DFTs as GEMMs, rows in 16-tiles) (periodic", "split 3-pass M=64=4x16"),
 ])
-def test_split_paths(device, small_plans, s, circ, causal):
+def test_split_paths(device, small_plans, monkeypatch, s, circ, causal, table_max):
     small_plans(16, 16)
+    monkeypatch.setattr(plans, "DENSE_TABLE_MAX", table_max)
     assert circ in describe_plan("spectral_filter", s) and causal in describe_plan("fft_conv_causal", s)
     assert "dense DFT GEMM" in describe_plan("fnet_mix", s, 5).split("; ")[0]
     _check_all_ops(s, 5, device)

@@ -322,7 +322,7 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     b, s, d = x.shape
     n1, n2, m = plan.N1, plan.N2, plan.M
     dev = plans.device_key(x.device)
-    circ1, circm = plans.unit_circle(n1, dev), plans.unit_circle(m, dev)
+    (tab1, dense1), circm = plans.gemm_table(n1, dev), plans.unit_circle(m, dev)
     f2 = plans.dft_matrix(n2, plan.P2, dev)
     prec = _precision(x.dtype)
     cols = n2 * d
@@ -340,19 +340,19 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         xs, ys = x[b0:b1], y[b0:b1]
         kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
         dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(n1, bk), nb)](
-            xs, xs, ar, ai, circ1, circm, n1, cols, s, n2, d, m,
+            xs, xs, ar, ai, tab1, circm, n1, cols, s, n2, d, m,
             xs.stride(0), 0, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=False, COMPLEX_OUT=True, IN_MODE=plan.mode, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
-            BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
+            BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
         split_rows_kernel[_grid(cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
             ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0,
             P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"],
             PRECISION=prec, num_warps=nw)
         dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(out_rows, bk), nb)](
-            ar, ai, ys, ys, circ1, circ1, n1, cols, s, n2, d, m,
+            ar, ai, ys, ys, tab1, tab1, n1, cols, s, n2, d, m,
             ar.stride(0), ar.stride(1), 1, ys.stride(0), 0, 1,
             SIGN=1, COMPLEX_IN=True, COMPLEX_OUT=False, IN_MODE=-1, OUT_MODE=plan.mode, TWIDDLE=False, NEED_IMAG=False,
-            BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
+            BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
 
 
 def _conv_triton(x: torch.Tensor, plan: Plan, cfg: dict, filt=None, k=None) -> torch.Tensor:
@@ -396,19 +396,20 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         return
     bk, bc, bn = cfg["BLOCK_K"], cfg["BLOCK_C"], cfg["BLOCK_N"]
     if plan is None:  # dense DFT as a GEMM over the whole axis
-        circ = plans.unit_circle(length, dev)
+        tab, dense = plans.gemm_table(length, dev)
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
             dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(length, bk), nb)](
                 xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
-                circ, circ, length, cols, 1, 1, 1, 1, *x_strides, *y_strides,
+                tab, tab, length, cols, 1, 1, 1, 1, *x_strides, *y_strides,
                 SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=False,
-                NEED_IMAG=complex_out, BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
+                NEED_IMAG=complex_out, BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense,
+                num_warps=nw)
         return
     # split: only for a sequence axis of a [B, S, C] tensor with contiguous channels (n stride = C)
     n1, n2, m = plan.N1, plan.N2, plan.M
     assert x_strides[2] == 1 and y_strides[2] == 1 and x_strides[1] == cols and y_strides[1] == cols
-    circ1, circm = plans.unit_circle(n1, dev), plans.unit_circle(m, dev)
+    (tab1, dense1), circm = plans.gemm_table(n1, dev), plans.unit_circle(m, dev)
     f2 = plans.dft_matrix(n2, plan.P2, dev)
     width = n2 * cols
     _check_extents(split_columns=width)
@@ -420,10 +421,10 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         nb = min(batch, b0 + chunk) - b0
         xo, yo = b0 * x_strides[0], b0 * y_strides[0]
         dft_gemm_kernel[_grid(cdiv(width, bc), cdiv(n1, bk), nb)](
-            xr[xo:], xi[xo:], ar, ai, circ1, circm, n1, width, 1, n2, cols, m,
+            xr[xo:], xi[xo:], ar, ai, tab1, circm, n1, width, 1, n2, cols, m,
             x_strides[0], width, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=True, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
-            BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, num_warps=nw)
+            BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
         split_rows_kernel[_grid(cdiv(cols, rd), n1, nb)](
             ar, ai, ar, ai, f2, circm, yr[yo:], yi[yo:], n1, n2, cols, m, ar.stride(0), 0, y_strides[0], cols,
             P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=False, COMPLEX_OUT=complex_out, NEED_IMAG=complex_out, BLOCK_D=rd,

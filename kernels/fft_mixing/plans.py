@@ -41,6 +41,9 @@ MAX_TILE = 4096
 MAX_SPLIT_FACTOR = 128
 #: largest transform of the split path; beyond, the Triton backend is not offered (torch serves)
 MAX_SPLIT_M = 1 << 18
+#: longest DFT whose whole [L, L] matrix the DFT GEMM reads as a table (8 MB of float32 pairs at
+#: 1024; longer ones gather from the unit circle, see triton_kernels.dft_gemm_kernel)
+DENSE_TABLE_MAX = 1024
 #: largest column factor N1 of the split path: the row pass launches one program per k1 on grid dim 1
 #: (CUDA: at most 65535)
 MAX_SPLIT_N1 = 65535
@@ -225,6 +228,14 @@ def unit_circle(n: int, device: str) -> torch.Tensor:
     """[2, n] float32: cos and sin of 2 pi j / n (the dense-GEMM path gathers at (k n) mod n)."""
     ang = 2.0 * np.pi * np.arange(n) / n
     return torch.from_numpy(np.stack([np.cos(ang), np.sin(ang)])).to(device=device, dtype=torch.float32).contiguous()
+
+
+def gemm_table(n: int, device: str) -> tuple[torch.Tensor, bool]:
+    """The DFT matrix of length n for dft_gemm_kernel and whether it is the dense [2, n, n] table
+    (n <= DENSE_TABLE_MAX) rather than the unit circle [2, n] (its DENSE_TABLE argument)."""
+    if n <= DENSE_TABLE_MAX:
+        return dft_matrix(n, n, device), True
+    return unit_circle(n, device), False
 
 
 def device_key(device: torch.device) -> str:

@@ -310,13 +310,17 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
                     SIGN: tl.constexpr, COMPLEX_IN: tl.constexpr, COMPLEX_OUT: tl.constexpr,
                     IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, TWIDDLE: tl.constexpr,
                     NEED_IMAG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, DENSE_TABLE: tl.constexpr = 0):
     """out[b, k, c] = tw(k, c) * sum_{n < L} exp(SIGN 2 pi i k n / L) in[b, n, c] for a [BLOCK_K, BLOCK_C] tile.
 
     Addressing: IN_MODE / OUT_MODE -1 is a plain strided [L, C] matrix per batch row; 0/1/2 is the
     convolution addressing of x / y (column c = n2 * D + d, sequence position n * N2 + n2, mapped
     by the mode). TWIDDLE multiplies by exp(SIGN 2 pi i (k * (c // D) mod M) / M) (unit circle of M
-    at twc). circ holds cos and sin of 2 pi j / L, j < L. NEED_IMAG = COMPLEX_OUT or TWIDDLE.
+    at twc). NEED_IMAG = COMPLEX_OUT or TWIDDLE.
+    The DFT matrix: DENSE_TABLE: circ is the whole [2, L, L] forward matrix (plans.dft_matrix, L <=
+    plans.DENSE_TABLE_MAX), read in contiguous tiles; else circ holds cos and sin of 2 pi j / L, j < L,
+    gathered at the phase (k n) mod L: an int64 remainder per matrix element and step, which the
+    sm_90 build spends a long instruction sequence on (the same float32 values either way).
     """
     pid_c = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -339,12 +343,19 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
     for n0 in range(0, n_end, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         nmask = nn < L
-        phase = (kk64[:, None] * nn.to(tl.int64)[None, :]) % L
         fmask = kmask[:, None] & nmask[None, :]
-        fr = tl.load(circ_ptr + phase, mask=fmask, other=0.0)
-        fi = tl.load(circ_ptr + L + phase, mask=fmask, other=0.0)
-        if SIGN < 0:
-            fi = -fi
+        if DENSE_TABLE:
+            t_off = kk[:, None] * L + nn[None, :]  # < L * L <= 2**20: int32 is safe
+            fr = tl.load(circ_ptr + t_off, mask=fmask, other=0.0)
+            fi = tl.load(circ_ptr + L * L + t_off, mask=fmask, other=0.0)  # -sin: the forward sign
+            if SIGN > 0:
+                fi = -fi
+        else:
+            phase = (kk64[:, None] * nn.to(tl.int64)[None, :]) % L
+            fr = tl.load(circ_ptr + phase, mask=fmask, other=0.0)
+            fi = tl.load(circ_ptr + L + phase, mask=fmask, other=0.0)
+            if SIGN < 0:
+                fi = -fi
         if IN_MODE >= 0:
             off, ok = _conv_address(nn, cc, S, N2, D, IN_MODE, False)
             xmask = ok & nmask[:, None] & cmask[None, :]
