@@ -445,6 +445,7 @@ def test_registered_kernels_run_their_small_preset(device, name):
 def _bad_calls():
     x, w, b = rand(5, 8), rand(3, 8, 6), rand(3, 6)
     idx, rw = torch.randint(0, 3, (5, 2)), torch.rand(5, 2)
+    idx[0] = torch.tensor([0, 2])  # so that idx - 1 and idx + 1 do leave [0, G) (random ids may not)
     w1, b1, w2, b2 = rand(3, 8, 4), rand(3, 4), rand(3, 4, 6), rand(3, 6)
     gms, leaf = tritonlab.gather_matmul_scatter, tritonlab.leaf_mlp
     return [
@@ -485,8 +486,25 @@ def test_bad_inputs_raise_clear_errors(name, exc, call):
         call()
 
 
+@pytest.mark.parametrize("t,k,g,h", [(5, 2, 3, 4), (40, 2, 3, 4), (300, 1, 4, 8), (300, 2, 4, 200)])
+def test_out_of_range_indices_raise_on_every_path(backend, device, t, k, g, h):
+    """Decode (direct), counting-sort and fused-leaf plans: an id below 0, at G or far past it is a
+    ValueError naming indices. The Triton path checks after its launches (the module docstring says
+    why), so this also runs its kernels on those ids: they must not fault or read through them."""
+    x, w, w1, w2 = rand(t, 8, device=device), rand(g, 8, 6, device=device), rand(g, 8, h, device=device), \
+        rand(g, h, 6, device=device)
+    for bad in (-1, g, 10**6):
+        idx = torch.randint(0, g, (t, k), device=device)
+        idx[t // 2, k - 1] = bad
+        with pytest.raises(ValueError, match=f"indices must lie in \\[0, G\\) .* got {bad}"):
+            tritonlab.gather_matmul_scatter(x, w, idx, backend=backend)
+        with pytest.raises(ValueError, match=f"indices must lie in \\[0, G\\) .* got {bad}"):
+            tritonlab.leaf_mlp(x, idx, w1, None, w2, None, backend=backend)
+
+
 def test_out_of_range_indices_never_reach_a_kernel(device):
-    """Range check before any launch; and the grouping alone excludes out-of-range ids from every tile."""
+    """The grouping alone excludes out-of-range ids from every tile (what lets the Triton path check
+    the range after its launches)."""
     idx = torch.tensor([[0, 5], [-1, 2], [3, 1]], device=device)
     grouping = DeviceGrouping(idx, 4)
     tile_group, tile_row = grouping.tiles(16)

@@ -10,7 +10,12 @@ Index range check: indices outside [0, G) raise ValueError. On CUDA this reads o
 on the host (a sync); it is skipped while torch.compile traces (torch.compiler.is_compiling())
 and while a CUDA graph is being captured (a sync would break the capture). The Triton path stays
 memory-safe without it: the device grouping puts out-of-range ids in no tile, so no kernel ever
-reads through them (their output rows are then undefined).
+reads through them (their output rows are then undefined). That is why the Triton path reads the
+pair only after its kernels are queued (`_IndexBounds`): the min/max and their copy to pinned host
+memory go first in the stream, so the wait covers the work queued before the call, not the call's
+own kernels, and the host's next work overlaps them (checked first, the GPU would sit idle during
+the call's whole host work: about half of a decode-size call). The torch backend, whose indexing
+ops would fault on such an id, checks before it runs.
 """
 from __future__ import annotations
 
@@ -53,8 +58,42 @@ def _check_x_and_group_weight(x: Tensor, name: str, w: Tensor) -> tuple[int, int
     return g, d, n
 
 
-def _prepare_indices(indices: object, lead: tuple[int, ...], t: int, num_groups: int) -> Tensor:
-    """indices [*lead] / [*lead, k] / [T] / [T, k] -> int64 [T, k], range-checked (see module docstring)."""
+class _IndexBounds:
+    """min and max of int64 indices, on their way to the host (module docstring); `check` raises
+    for ids outside [0, G). None of it while torch.compile traces or a CUDA graph is captured."""
+
+    def __init__(self, idx: Tensor):
+        self._ready = None
+        self._host = None
+        if idx.numel() == 0 or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        bounds = torch.stack(list(torch.aminmax(idx)))
+        if idx.is_cuda:
+            self._host = torch.empty(2, dtype=bounds.dtype, pin_memory=True).copy_(bounds, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = bounds
+
+    @property
+    def pending(self) -> bool:
+        """Whether there is anything to check (not under tracing or capture, not empty)."""
+        return self._host is not None
+
+    def check(self, num_groups: int) -> None:
+        if not self.pending:
+            return
+        if self._ready is not None:
+            self._ready.synchronize()  # the one host sync on CUDA (documented)
+        lo, hi = self._host.tolist()
+        if lo < 0 or hi >= num_groups:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"indices must lie in [0, G) for the G = {num_groups} groups of the weights, got {bad}")
+
+
+def _prepare_indices(indices: object, lead: tuple[int, ...], t: int, num_groups: int) -> tuple[Tensor, _IndexBounds]:
+    """indices [*lead] / [*lead, k] / [T] / [T, k] -> (int64 [T, k], its bounds to check; see the
+    module docstring)."""
     check_tensor("indices", indices, dtypes=INDEX_DTYPES)
     shape = tuple(indices.shape)
     if shape == lead or shape == (t,):
@@ -67,12 +106,19 @@ def _prepare_indices(indices: object, lead: tuple[int, ...], t: int, num_groups:
     if k < 1:
         raise ValueError(f"indices must give at least one group per token (k >= 1), got shape {shape}")
     idx = indices.reshape(t, k).to(torch.int64).contiguous()
-    if idx.numel() and not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
-        lo, hi = torch.stack(list(torch.aminmax(idx))).tolist()  # one host sync on CUDA (documented)
-        if lo < 0 or hi >= num_groups:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"indices must lie in [0, G) for the G = {num_groups} groups of the weights, got {bad}")
-    return idx
+    return idx, _IndexBounds(idx)
+
+
+def _dispatch_checked(op, impl, x: Tensor, bounds: _IndexBounds, num_groups: int, backend: str, *args) -> Tensor:
+    """Run the op on the range-checked indices: the Triton path checks after its launches, the torch
+    path before (module docstring)."""
+    after = bounds.pending and resolve_backend(backend, x.device) == "triton"
+    if not after:
+        bounds.check(num_groups)
+    y = dispatch(op, impl, x, *args, backend, needs_autograd=True)
+    if after:
+        bounds.check(num_groups)
+    return y
 
 
 def _prepare_route_weights(rw: object, indices_shape: tuple[int, ...], t: int, k: int) -> Optional[Tensor]:
@@ -566,7 +612,8 @@ def gather_matmul_scatter(x: Tensor, weight: Tensor, indices: Tensor, bias: Opti
         Differentiable in x, weight, bias and route_weights.
 
     Raises ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, or indices
-    outside [0, G) (a host sync on CUDA, skipped under torch.compile; see the module docstring).
+    outside [0, G) (a host sync on CUDA, after the Triton launches; skipped under torch.compile; see
+    the module docstring).
     """
     g, d, n = _check_x_and_group_weight(x, "weight", weight)
     check_optional("bias", bias, (g, n))
@@ -576,10 +623,10 @@ def gather_matmul_scatter(x: Tensor, weight: Tensor, indices: Tensor, bias: Opti
                       bias=bias, route_weights=route_weights if isinstance(route_weights, Tensor) else None)
     x2, lead = flatten_tokens("x", x, d)
     t = x2.shape[0]
-    idx = _prepare_indices(indices, lead, t, g)
+    idx, bounds = _prepare_indices(indices, lead, t, g)
     rw = _prepare_route_weights(route_weights, tuple(indices.shape), t, idx.shape[1])
-    y = dispatch(_gms_op, _gms_impl, x2, weight.contiguous(), idx, _contig(bias), rw, activation or "none", backend,
-                 needs_autograd=True)
+    y = _dispatch_checked(_gms_op, _gms_impl, x2, bounds, g, backend, weight.contiguous(), idx, _contig(bias), rw,
+                          activation or "none")
     return y.reshape(*lead, n)
 
 
@@ -604,7 +651,7 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
         w1, b1, w2, b2 and route_weights.
 
     Raises ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, or indices
-    outside [0, G) (a host sync on CUDA, skipped under torch.compile).
+    outside [0, G) (a host sync on CUDA, after the Triton launches; skipped under torch.compile).
     """
     g, d, h1 = _check_x_and_group_weight(x, "w1", w1)
     check_tensor("w2", w2, ndim=3)
@@ -624,10 +671,10 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
                       route_weights=route_weights if isinstance(route_weights, Tensor) else None)
     x2, lead = flatten_tokens("x", x, d)
     t = x2.shape[0]
-    idx = _prepare_indices(indices, lead, t, g)
+    idx, bounds = _prepare_indices(indices, lead, t, g)
     rw = _prepare_route_weights(route_weights, tuple(indices.shape), t, idx.shape[1])
-    y = dispatch(_leaf_mlp_op, _leaf_mlp_impl, x2, idx, w1.contiguous(), _contig(b1), w2.contiguous(), _contig(b2), rw,
-                 activation or "none", backend, needs_autograd=True)
+    y = _dispatch_checked(_leaf_mlp_op, _leaf_mlp_impl, x2, bounds, g, backend, idx, w1.contiguous(), _contig(b1),
+                          w2.contiguous(), _contig(b2), rw, activation or "none")
     return y.reshape(*lead, o)
 
 
