@@ -109,8 +109,9 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
     spectrum are live a slice at a time: fewer registers for a loop (see ops._conv_space).
     HALF_IO (causal, N1 = P1 >= 32; set by the launcher): positions n = n1 * N2 + n2 < S <= M / 2 lie
     in the first P1 / 2 rows n1, so x is loaded and y computed for those rows only: the first
-    column DFT multiplies F1[:, :P1/2] by the half tile and the last produces half the rows (a
-    quarter of the dot work of a causal transform, and half its x and y tiles, saved exactly).
+    column DFT multiplies F1[:, :P1/2] by the half tile and the last produces half the rows: half
+    the dot work of those two stages (a quarter of the whole at M = 2048 = 64 x 32, half for the
+    dense DFT) and half the x and y tiles, with the same result.
     """
     pid_d = tl.program_id(0)
     pid_g = tl.program_id(1)
