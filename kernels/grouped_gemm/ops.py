@@ -13,9 +13,9 @@ memory-safe without it: the device grouping puts out-of-range ids in no tile, so
 reads through them (their output rows are then undefined). That is why the Triton path reads the
 pair only after its kernels are queued (`_IndexBounds`): the min/max and their copy to pinned host
 memory go first in the stream, so the wait covers the work queued before the call, not the call's
-own kernels, and the host's next work overlaps them (checked first, the GPU would sit idle during
-the call's whole host work: about half of a decode-size call). The torch backend, whose indexing
-ops would fault on such an id, checks before it runs.
+own kernels, and the host's next work overlaps them (checked first, the GPU would sit idle through
+the call's whole host work, which at decode sizes is of the order of its GPU work). The torch
+backend, whose indexing ops would fault on such an id, checks before it runs.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class _IndexBounds:
             raise ValueError(f"indices must lie in [0, G) for the G = {num_groups} groups of the weights, got {bad}")
 
 
-def _prepare_indices(indices: object, lead: tuple[int, ...], t: int, num_groups: int) -> tuple[Tensor, _IndexBounds]:
+def _prepare_indices(indices: object, lead: tuple[int, ...], t: int) -> tuple[Tensor, _IndexBounds]:
     """indices [*lead] / [*lead, k] / [T] / [T, k] -> (int64 [T, k], its bounds to check; see the
     module docstring)."""
     check_tensor("indices", indices, dtypes=INDEX_DTYPES)
@@ -623,7 +623,7 @@ def gather_matmul_scatter(x: Tensor, weight: Tensor, indices: Tensor, bias: Opti
                       bias=bias, route_weights=route_weights if isinstance(route_weights, Tensor) else None)
     x2, lead = flatten_tokens("x", x, d)
     t = x2.shape[0]
-    idx, bounds = _prepare_indices(indices, lead, t, g)
+    idx, bounds = _prepare_indices(indices, lead, t)
     rw = _prepare_route_weights(route_weights, tuple(indices.shape), t, idx.shape[1])
     y = _dispatch_checked(_gms_op, _gms_impl, x2, bounds, g, backend, weight.contiguous(), idx, _contig(bias), rw,
                           activation or "none")
@@ -671,7 +671,7 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
                       route_weights=route_weights if isinstance(route_weights, Tensor) else None)
     x2, lead = flatten_tokens("x", x, d)
     t = x2.shape[0]
-    idx, bounds = _prepare_indices(indices, lead, t, g)
+    idx, bounds = _prepare_indices(indices, lead, t)
     rw = _prepare_route_weights(route_weights, tuple(indices.shape), t, idx.shape[1])
     y = _dispatch_checked(_leaf_mlp_op, _leaf_mlp_impl, x2, bounds, g, backend, idx, w1.contiguous(), _contig(b1),
                           w2.contiguous(), _contig(b2), rw, activation or "none")
