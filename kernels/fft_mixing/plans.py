@@ -230,11 +230,17 @@ def unit_circle(n: int, device: str) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.cos(ang), np.sin(ang)])).to(device=device, dtype=torch.float32).contiguous()
 
 
+@functools.lru_cache(maxsize=16)  # up to 8 MB each: a few lengths, not dft_matrix's 256
+def _dense_table(n: int, device: str) -> torch.Tensor:
+    return torch.from_numpy(_dft_np(n, n)).to(device=device, dtype=torch.float32).contiguous()
+
+
 def gemm_table(n: int, device: str) -> tuple[torch.Tensor, bool]:
-    """The DFT matrix of length n for dft_gemm_kernel and whether it is the dense [2, n, n] table
-    (n <= DENSE_TABLE_MAX) rather than the unit circle [2, n] (its DENSE_TABLE argument)."""
+    """The DFT matrix of length n for dft_gemm_kernel and whether it is the dense [2, n, n] forward
+    matrix (n <= DENSE_TABLE_MAX; dft_matrix's values) rather than the unit circle [2, n] (the
+    kernel's DENSE_TABLE argument)."""
     if n <= DENSE_TABLE_MAX:
-        return dft_matrix(n, n, device), True
+        return _dense_table(n, device), True
     return unit_circle(n, device), False
 
 
