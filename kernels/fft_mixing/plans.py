@@ -206,10 +206,15 @@ def _dft_np(n: int, p: int, sign: float = -1.0) -> np.ndarray:
     return out
 
 
+def _table(values: np.ndarray, device: str) -> torch.Tensor:
+    """A float64 NumPy table as a contiguous float32 tensor on `device`."""
+    return torch.from_numpy(values).to(device=device, dtype=torch.float32).contiguous()
+
+
 @functools.lru_cache(maxsize=256)
 def dft_matrix(n: int, p: int, device: str) -> torch.Tensor:
     """[2, p, p] float32 (real, imaginary) of the n-point forward DFT matrix, zero padded to p."""
-    return torch.from_numpy(_dft_np(n, p)).to(device=device, dtype=torch.float32).contiguous()
+    return _table(_dft_np(n, p), device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -220,19 +225,19 @@ def twiddles(n1: int, n2: int, p1: int, p2: int, device: str) -> torch.Tensor:
     ang = 2.0 * np.pi * (np.outer(np.arange(n1), np.arange(n2)) % m) / m
     out[0, :n1, :n2] = np.cos(ang)
     out[1, :n1, :n2] = -np.sin(ang)
-    return torch.from_numpy(out).to(device=device, dtype=torch.float32).contiguous()
+    return _table(out, device)
 
 
 @functools.lru_cache(maxsize=64)
 def unit_circle(n: int, device: str) -> torch.Tensor:
     """[2, n] float32: cos and sin of 2 pi j / n (the dense-GEMM path gathers at (k n) mod n)."""
     ang = 2.0 * np.pi * np.arange(n) / n
-    return torch.from_numpy(np.stack([np.cos(ang), np.sin(ang)])).to(device=device, dtype=torch.float32).contiguous()
+    return _table(np.stack([np.cos(ang), np.sin(ang)]), device)
 
 
 @functools.lru_cache(maxsize=16)  # up to 8 MB each: a few lengths, not dft_matrix's 256
 def _dense_table(n: int, device: str) -> torch.Tensor:
-    return torch.from_numpy(_dft_np(n, n)).to(device=device, dtype=torch.float32).contiguous()
+    return _table(_dft_np(n, n), device)
 
 
 def gemm_table(n: int, device: str) -> tuple[torch.Tensor, bool]:

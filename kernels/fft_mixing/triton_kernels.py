@@ -50,15 +50,15 @@ def _offsets(i, stride_i, j, stride_j):
 
 
 @jit
-def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr):
-    """A dense [R, C] float32 table tile (row-major, no mask: tables are padded)."""
-    return tl.load(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+def _load_block(ptr, R: tl.constexpr, C: tl.constexpr, LD: tl.constexpr):
+    """The top-left [R, C] block of a row-major float32 table with LD columns (no mask: tables are padded)."""
+    return tl.load(ptr + tl.arange(0, R)[:, None] * LD + tl.arange(0, C)[None, :])
 
 
 @jit
-def _load_block(ptr, R: tl.constexpr, C: tl.constexpr, LD: tl.constexpr):
-    """The top-left [R, C] block of a row-major table with LD columns."""
-    return tl.load(ptr + tl.arange(0, R)[:, None] * LD + tl.arange(0, C)[None, :])
+def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr):
+    """A whole [R, C] table."""
+    return _load_block(ptr, R, C, C)
 
 
 @jit
