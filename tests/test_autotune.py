@@ -498,7 +498,7 @@ def test_compile_pool_runs_each_batch_in_workers_before_the_tuner_measures_it():
     assert pool.failed == 0 and pool.broken is None
 
 
-def test_compile_pool_failure_only_costs_time():
+def test_compile_pool_failure_only_costs_time(cpu_pipeline):
     """A pool whose workers are gone prepares nothing and the tuning result is unchanged."""
     from tritonlab.autotune.compile_pool import CompilePool
 
@@ -515,7 +515,7 @@ def test_compile_pool_failure_only_costs_time():
     assert res.ok and res.best_config == {"B": 16, "W": 2}
 
 
-def test_a_config_that_faulted_the_gpu_in_a_worker_never_runs_here():
+def test_a_config_that_faulted_the_gpu_in_a_worker_never_runs_here(cpu_pipeline):
     """prepare reports a CUDA fault for one config: the tuner records it as failed without running
     it (a fault in this process would poison its CUDA context); the others are measured as usual."""
     calls = []
@@ -784,6 +784,8 @@ def test_cli_vs_triton_autotune_writes_the_table(dirs, monkeypatch, cpu_pipeline
     configs = [{"B": b, "W": w} for b in (16, 32, 64) for w in (2, 4)]
     kernel = _double_kernel("fake_vs_cli", configs=configs)
     monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    # CPU tensors also on a GPU machine, where Triton's autotuner would otherwise time with its own do_bench
+    monkeypatch.setattr(runner, "tuning_device", lambda: torch.device("cpu"))
     costs = _random_costs(configs)
     monkeypatch.setattr(tuner, "default_timer", lambda device: (lambda fn, cfg: costs[search.config_key(cfg)]))
     fastest = min(configs, key=lambda c: costs[search.config_key(c)])
