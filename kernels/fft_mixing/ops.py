@@ -49,6 +49,10 @@ ROW_CHUNK = 16
 MAX_GRID_BATCH = 65535
 #: grid dim 0 of a CUDA launch
 MAX_GRID_X = 2**31 - 1
+#: dft_axis_kernel tiles with fewer elements run with at most 4 warps: Triton 3.6 on an H100 returned NaNs
+#: for P1 = 64, BLOCK_C = 1 ([64, 16] tiles) with 8 warps (fine with 2 or 4, and at BLOCK_C >= 2), and
+#: 256 threads have under 8 elements each there anyway
+SMALL_TILE = 2048
 #: the kernels index within one tensor dim (a column, a channel, a position) in int32, a block past
 #: its end included; every pointer offset itself is int64 (triton_kernels._offsets)
 MAX_INT32_EXTENT = 2**31 - 2**16
@@ -386,6 +390,8 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         f2 = plans.dft_matrix(plan.N2, plan.P2, dev) if not plan.dense else f1
         tw = plans.twiddles(plan.N1, plan.N2, plan.P1, plan.P2, dev) if not plan.dense else f1
         block = max(plan.min_block, min(block, plan.max_block))
+        if plan.P1 * plan.P2 * block < SMALL_TILE:
+            nw = min(nw, 4)
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
             dft_axis_kernel[_grid(cdiv(cols, block), nb)](
