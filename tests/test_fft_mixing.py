@@ -266,6 +266,21 @@ def test_fused_kernel_configs(device, s, cfg):
         assert_close(y, ref.fft_conv_ref(np64(x), np64(k), True), tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("b,r,c", [(3, 100, 77), (1, 1, 1), (2, 65, 130)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_transposing_copy_moves_every_element(device, b, r, c, dtype):
+    """SEQ_MAJOR's staging copy: [B, R, C] into a [B, C, R] buffer and back, partial tiles included;
+    the bits must come through unchanged and nothing outside the views is written."""
+    x = rand(b, r, c, device=device).to(dtype)
+    buf = torch.full((b, c, r + 1), 7.0, dtype=dtype, device=device)  # one spare row per batch
+    xk = buf[:, :, :r].transpose(1, 2)
+    ops._copy_3d(x, xk)
+    assert torch.equal(xk, x) and bool((buf[:, :, r] == 7.0).all())
+    y = torch.empty_like(x)
+    ops._copy_3d(xk, y)
+    assert torch.equal(y, x)
+
+
 def test_row_slice_reaches_the_kernel_and_is_checked(monkeypatch, device):
     """The launcher passes ROW_SLICE through (the sliced and whole paths give the same numbers, so
     the result alone would not show it) and rejects a slice that does not tile the row DFT."""
