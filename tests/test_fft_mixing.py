@@ -81,6 +81,20 @@ def test_fnet_mix_widths(backend, device, d):
     assert_close(tritonlab.fnet_mix(x, backend=backend), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("s,d,half", [(1, 6, True), (12, 7, True), (100, 10, True), (33, 3, True), (48, 24, True),
+                                      (12, 127, False), (12, 2, False)])
+def test_fnet_half_spectrum_path(monkeypatch, device, s, d, half):
+    """Real x: fnet_mix keeps D // 2 + 1 spectrum columns between its passes and the S pass stores the
+    other half of the real output by symmetry (MIRROR), when both lengths have in-register plans (not
+    D = 127: a dense GEMM; not D = 2: nothing to save). Even and odd D, S = 1, dense and four-step S."""
+    seen = record_launches(monkeypatch, ops, "dft_axis_kernel", "MIRROR")
+    x = rand(2, s, d, device=device)
+    assert_close(tritonlab.fnet_mix(x, backend="triton"), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))
+    assert seen[-1] == (half,) and (f"half spectrum: {d // 2 + 1} of {d}" in describe_plan("fnet_mix", s, d)) == half
+    with pytest.raises(ValueError, match="in-register plan"):  # the dense GEMM path stores every bin
+        ops._dft_axis(x, x, x, x, 127, 1, 1, (0, 1, 1), (0, 1, 1), False, True, 1, {"num_warps": 4}, 0, bins=64)
+
+
 def test_references_agree_with_direct_sums():
     """The numpy.fft references equal the defining sums (explicit circulant, direct convolution)."""
     x = np.random.randn(2, 9, 3)

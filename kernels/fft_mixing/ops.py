@@ -137,6 +137,8 @@ def describe_plan(op: str, s: int, d: Optional[int] = None) -> str:
         for axis, n in (("D", d), ("S", s)):
             p = plans.dft_plan(n) if n else None
             out.append(f"{axis}={n}: " + (p.describe() if p else "dense DFT GEMM (O(n^2))"))
+        if d and _fnet_half_spectrum(s, d):
+            out.append(f"half spectrum: {d // 2 + 1} of {d} columns along S, the rest by symmetry")
         return "; ".join(out)
     p = plans.conv_plan(s, op == "fft_conv_causal")
     return p.describe() if p else "torch.fft (no Triton plan)"
@@ -389,17 +391,22 @@ def _conv_triton(x: torch.Tensor, plan: Plan, cfg: dict, filt=None, k=None) -> t
 
 def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_strides,
               complex_in: bool, complex_out: bool, block: int, cfg: dict, prec: int,
-              allow_split: bool = True) -> None:
+              allow_split: bool = True, bins: Optional[int] = None, mirror_width: int = 0) -> None:
     """One forward DFT of `length` along an axis: out[b, k, c] = sum_n W^(k n) in[b, n, c].
 
     x_strides / y_strides are (batch, n, c) strides in elements. Picks the in-register, split or dense
     GEMM path by plans.dft_plan; the split path needs a sequence axis of [B, S, C] with contiguous
     channels (allow_split=False for the transform along D, which then takes the dense GEMM).
+    In-register plans only: bins stores the bins k < bins alone (default all); mirror_width W > 0 (real
+    output) says the columns are the half spectrum of real data of width W, and the rest of the real
+    output is stored by symmetry (dft_axis_kernel's MIRROR).
     """
     _check_extents(length=length, columns=cols)
     plan = plans.dft_plan(length)
     if plan is not None and plan.split and not allow_split:
         plan = None
+    if (bins is not None or mirror_width) and (plan is None or plan.split or (mirror_width and complex_out)):
+        raise ValueError(f"bins / mirror_width need an in-register plan (and a real output), length {length}")
     dev = plans.device_key(xr.device)
     nw = cfg["num_warps"]
     if plan is not None and not plan.split:
@@ -413,9 +420,9 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
             dft_axis_kernel[_grid(cdiv(cols, block), nb)](
                 xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
-                f1, f2, tw, cols, *x_strides, *y_strides,
+                f1, f2, tw, cols, length if bins is None else bins, mirror_width, *x_strides, *y_strides,
                 N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out,
-                BLOCK_C=block, PRECISION=prec, num_warps=nw)
+                MIRROR=mirror_width > 0, BLOCK_C=block, PRECISION=prec, num_warps=nw)
         return
     bk, bc, bn = cfg["BLOCK_K"], cfg["BLOCK_C"], cfg["BLOCK_N"]
     if plan is None:  # dense DFT as a GEMM over the whole axis
@@ -454,19 +461,28 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
             PRECISION=prec, num_warps=nw)
 
 
+def _fnet_half_spectrum(s: int, d: int) -> bool:
+    """Whether fnet_mix keeps only the D // 2 + 1 columns of the half spectrum between its passes:
+    both lengths need in-register plans (the bin mask and the mirrored stores live in dft_axis_kernel)."""
+    return d // 2 + 1 < d and all(p is not None and not p.split for p in (plans.dft_plan(d), plans.dft_plan(s)))
+
+
 def _fnet_triton(x: torch.Tensor, cfg: dict) -> torch.Tensor:
     b, s, d = x.shape
     prec = _precision(x.dtype)
     xf = x.reshape(-1)
-    wr = new_output((b * s * d,), torch.float32, x.device)
-    wi = new_output((b * s * d,), torch.float32, x.device)
+    half = _fnet_half_spectrum(s, d)
+    w = d // 2 + 1 if half else d  # spectrum columns kept between the passes
+    wr = new_output((b * s * w,), torch.float32, x.device)
+    wi = new_output((b * s * w,), torch.float32, x.device)
     # along D: rows are the B*S tokens (columns of this transform), one batch
-    _dft_axis(xf, xf, wr, wi, d, b * s, 1, (0, 1, d), (0, 1, d), False, True, cfg["D_BLOCK"], cfg, prec,
-              allow_split=False)
+    _dft_axis(xf, xf, wr, wi, d, b * s, 1, (0, 1, d), (0, 1, w), False, True, cfg["D_BLOCK"], cfg, prec,
+              allow_split=False, bins=w if half else None)
     y = new_output((b, s, d), x.dtype, x.device)
     yf = y.reshape(-1)
-    # along S: complex input, only the real part is stored
-    _dft_axis(wr, wi, yf, yf, s, d, b, (s * d, d, 1), (s * d, d, 1), True, False, cfg["S_BLOCK"], cfg, prec)
+    # along S: complex input, only the real part is stored (from a half spectrum, the rest by symmetry)
+    _dft_axis(wr, wi, yf, yf, s, w, b, (s * w, w, 1), (s * d, d, 1), True, False, cfg["S_BLOCK"], cfg, prec,
+              mirror_width=d if half else 0)
     return y
 
 

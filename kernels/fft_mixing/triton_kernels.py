@@ -249,13 +249,16 @@ def strided_copy_kernel(src_ptr, dst_ptr, R, C, stride_sb, stride_sr, stride_sc,
 
 @jit
 def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
-                    C, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
+                    C, K_OUT, MIRROR_W, stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
                     N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                    COMPLEX_IN: tl.constexpr, COMPLEX_OUT: tl.constexpr,
+                    COMPLEX_IN: tl.constexpr, COMPLEX_OUT: tl.constexpr, MIRROR: tl.constexpr,
                     BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, k, c] = sum_n exp(-2 pi i k n / L) in[b, n, c], L = N1 * N2, for a block of columns c.
 
     COMPLEX_IN: the input is (xr, xi), else real xr. COMPLEX_OUT: store (yr, yi), else only the real part.
+    Only bins k < K_OUT are stored. MIRROR (real output of a 2-D DFT of real data whose columns c are
+    the half spectrum of a transform of width MIRROR_W): Re Z[-k, W - c] = Re Z[k, c], so each value is
+    also stored at row (L - k) mod L, column W - c, for the columns W - c the half spectrum lacks.
     """
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -292,10 +295,16 @@ def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
             zi = zr
     # back in the natural layout: row k1, column k2 * BLOCK_C + c; bin k = k1 + N1 * k2
     k = rows[:, None] + N1 * n2[None, :]
+    keep = valid & (k < K_OUT)
     out_off = pid_b * stride_yb + _offsets(k, stride_yn, c[None, :], stride_yc)
-    tl.store(yr_ptr + out_off, zr.to(yr_ptr.dtype.element_ty), mask=valid)
+    tl.store(yr_ptr + out_off, zr.to(yr_ptr.dtype.element_ty), mask=keep)
     if COMPLEX_OUT:
-        tl.store(yi_ptr + out_off, zi.to(yi_ptr.dtype.element_ty), mask=valid)
+        tl.store(yi_ptr + out_off, zi.to(yi_ptr.dtype.element_ty), mask=keep)
+    if MIRROR:
+        c_m = MIRROR_W - c
+        m_keep = keep & ((c >= 1) & (c_m > MIRROR_W // 2))[None, :]
+        m_off = pid_b * stride_yb + _offsets((N1 * N2 - k) % (N1 * N2), stride_yn, c_m[None, :], stride_yc)
+        tl.store(yr_ptr + m_off, zr.to(yr_ptr.dtype.element_ty), mask=m_keep)
 
 
 @jit
