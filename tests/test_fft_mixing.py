@@ -93,6 +93,21 @@ def test_fnet_half_spectrum_path(monkeypatch, device, s, d, half):
     assert seen[-1] == (half,) and (f"half spectrum: {d // 2 + 1} of {d}" in describe_plan("fnet_mix", s, d)) == half
     with pytest.raises(ValueError, match="in-register plan"):  # the dense GEMM path stores every bin
         ops._dft_axis(x, x, x, x, 127, 1, 1, (0, 1, 1), (0, 1, 1), False, True, 1, {"num_warps": 4}, 0, bins=64)
+    with pytest.raises(ValueError, match="real output"):
+        ops._dft_axis(x, x, x, x, 12, 1, 1, (0, 1, 1), (0, 1, 1), True, True, 1, {"num_warps": 4}, 0, mirror_width=3)
+
+
+@pytest.mark.parametrize("s,d", [(87, 7), (136, 10), (87, 2)])
+def test_fnet_half_spectrum_on_the_split_path(monkeypatch, device, small_plans, s, d):
+    """The split S pass (column GEMMs, then split_rows_kernel) takes the half spectrum too: its row
+    pass stores the mirrored half (not for D = 2, where the half spectrum is the whole). Small limits
+    give D an in-register plan and S = 87 = 3 x 29, 136 = 17 x 8 the split path."""
+    small_plans(16, 256)
+    assert plans.dft_plan(s).split and not plans.dft_plan(d).split
+    seen = record_launches(monkeypatch, ops, "split_rows_kernel", "MIRROR")
+    x = rand(2, s, d, device=device)
+    assert_close(tritonlab.fnet_mix(x, backend="triton"), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))
+    assert seen and set(seen) == {(d > 2,)}
 
 
 def test_references_agree_with_direct_sums():

@@ -368,7 +368,7 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
             SIGN=-1, COMPLEX_IN=False, COMPLEX_OUT=True, IN_MODE=plan.mode, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
         split_rows_kernel[_grid(cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
-            ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0,
+            ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0, 0,
             P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"],
             PRECISION=prec, num_warps=nw)
         dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(out_rows, bk), nb)](
@@ -397,16 +397,18 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
     x_strides / y_strides are (batch, n, c) strides in elements. Picks the in-register, split or dense
     GEMM path by plans.dft_plan; the split path needs a sequence axis of [B, S, C] with contiguous
     channels (allow_split=False for the transform along D, which then takes the dense GEMM).
-    In-register plans only: bins stores the bins k < bins alone (default all); mirror_width W > 0 (real
-    output) says the columns are the half spectrum of real data of width W, and the rest of the real
-    output is stored by symmetry (dft_axis_kernel's MIRROR).
+    bins (in-register plans): only the bins k < bins are stored (default all). mirror_width W > 0 (a
+    real output; not the dense GEMM path): the columns are the half spectrum of real data of width W,
+    and the rest of the real output is stored by symmetry (dft_axis_kernel's MIRROR).
     """
     _check_extents(length=length, columns=cols)
     plan = plans.dft_plan(length)
     if plan is not None and plan.split and not allow_split:
         plan = None
-    if (bins is not None or mirror_width) and (plan is None or plan.split or (mirror_width and complex_out)):
-        raise ValueError(f"bins / mirror_width need an in-register plan (and a real output), length {length}")
+    if bins is not None and (plan is None or plan.split):
+        raise ValueError(f"bins needs an in-register plan (length {length} has none)")
+    if mirror_width and (plan is None or complex_out):
+        raise ValueError(f"mirror_width needs an in-register or split plan (length {length}) and a real output")
     dev = plans.device_key(xr.device)
     nw = cfg["num_warps"]
     if plan is not None and not plan.split:
@@ -438,7 +440,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         return
     # split: only for a sequence axis of a [B, S, C] tensor with contiguous channels (n stride = C)
     n1, n2, m = plan.N1, plan.N2, plan.M
-    assert x_strides[2] == 1 and y_strides[2] == 1 and x_strides[1] == cols and y_strides[1] == cols
+    assert x_strides[2] == 1 and y_strides[2] == 1 and x_strides[1] == cols
     (tab1, dense1), circm = plans.gemm_table(n1, dev), plans.unit_circle(m, dev)
     f2 = plans.dft_matrix(n2, plan.P2, dev)
     width = n2 * cols
@@ -456,15 +458,16 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
             SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=True, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
         split_rows_kernel[_grid(cdiv(cols, rd), n1, nb)](
-            ar, ai, ar, ai, f2, circm, yr[yo:], yi[yo:], n1, n2, cols, m, ar.stride(0), 0, y_strides[0], cols,
-            P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=False, COMPLEX_OUT=complex_out, NEED_IMAG=complex_out, BLOCK_D=rd,
-            PRECISION=prec, num_warps=nw)
+            ar, ai, ar, ai, f2, circm, yr[yo:], yi[yo:], n1, n2, cols, m, ar.stride(0), 0, y_strides[0],
+            y_strides[1], mirror_width, P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=False, COMPLEX_OUT=complex_out,
+            NEED_IMAG=complex_out, BLOCK_D=rd, PRECISION=prec, MIRROR=mirror_width > 0, num_warps=nw)
 
 
 def _fnet_half_spectrum(s: int, d: int) -> bool:
-    """Whether fnet_mix keeps only the D // 2 + 1 columns of the half spectrum between its passes:
-    both lengths need in-register plans (the bin mask and the mirrored stores live in dft_axis_kernel)."""
-    return d // 2 + 1 < d and all(p is not None and not p.split for p in (plans.dft_plan(d), plans.dft_plan(s)))
+    """Whether fnet_mix keeps only the D // 2 + 1 columns of the half spectrum between its passes: the
+    D pass needs an in-register plan (its bin mask), the S pass any but the dense GEMM (mirrored stores)."""
+    plan_d, plan_s = plans.dft_plan(d), plans.dft_plan(s)
+    return d // 2 + 1 < d and plan_d is not None and not plan_d.split and plan_s is not None
 
 
 def _fnet_triton(x: torch.Tensor, cfg: dict) -> torch.Tensor:

@@ -422,14 +422,16 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
 
 @jit
 def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, yi_ptr,
-                      N1, N2, D, M, stride_ab, stride_kb, stride_yb, stride_yn,
+                      N1, N2, D, M, stride_ab, stride_kb, stride_yb, stride_yn, MIRROR_W,
                       P2: tl.constexpr, CHUNK: tl.constexpr, FILTER: tl.constexpr, COMPLEX_OUT: tl.constexpr,
-                      NEED_IMAG: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                      NEED_IMAG: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                      MIRROR: tl.constexpr = False):
     """Row pass of the split path on A[b, k1, n2, d] (fp32 pairs, contiguous [N1, N2, D] per batch row).
 
     FILTER: Z = F2 A, Z *= K[k1, k2, d] (1/M folded in), B = conj(F2) Z, B *= conj(W_M^(k1 n2)),
     written back over A. Otherwise (a plain DFT): out[b, k1 + N1 k2, d] = (F2 A)[k2, d], real part
-    unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT.
+    unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT. MIRROR: as dft_axis_kernel's (the D columns
+    are a half spectrum of width MIRROR_W; the real part is also stored at row -k mod M, column W - d).
 
     The [P2, P2] DFT table (P2 <= plans.MAX_SPLIT_FACTOR = 128) never sits whole in registers, where
     it spilled (3 KB a thread at P2 = 128 in fp32 on sm_90, per `tritonlab compile-check`;
@@ -489,3 +491,8 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
         tl.store(yr_ptr + y_off, zr.to(yr_ptr.dtype.element_ty), mask=mask)
         if COMPLEX_OUT:
             tl.store(yi_ptr + y_off, zi.to(yi_ptr.dtype.element_ty), mask=mask)
+        if MIRROR:
+            d_m = MIRROR_W - dd
+            m_mask = mask & ((dd >= 1) & (d_m > MIRROR_W // 2))[None, :]
+            m_off = pid_b * stride_yb + _offsets(((M - k) % M)[:, None], stride_yn, d_m[None, :], 1)
+            tl.store(yr_ptr + m_off, zr.to(yr_ptr.dtype.element_ty), mask=m_mask)
