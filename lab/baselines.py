@@ -191,10 +191,13 @@ QDTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torc
 def quantize_rows(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row quantization written in torch (DESIGN.md rules: scale = amax / qmax, 1 for all-zero rows)."""
     qmax = QMAX[dtype]
-    scale = x.abs().amax(dim=-1, keepdim=True).float() / qmax
+    # amax / qmax rounded once, as the definition: CUDA torch divides by a Python float as a multiply
+    # by its reciprocal (one ulp off for some rows); then x times the reciprocal of the scale, not
+    # x / scale. Either difference moves values across fp8 rounding ties: the H100 report had this
+    # baseline 1.4e-3 from the reference at 8192^2 fp8, over the 1e-3 tolerance.
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax / torch.full((), qmax, device=amax.device)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    # times the reciprocal, as the definition: x / scale rounds differently near fp8 rounding ties (the
-    # H100 report had this baseline 1.4e-3 from the reference at 8192^2 fp8, over the 1e-3 tolerance)
     y = x.float() * (1.0 / scale)
     if dtype == "int8":
         return torch.round(y).clamp_(-127, 127).to(torch.int8), scale

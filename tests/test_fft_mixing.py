@@ -82,11 +82,12 @@ def test_fnet_mix_widths(backend, device, d):
 
 
 @pytest.mark.parametrize("s,d,half", [(1, 6, True), (12, 7, True), (100, 10, True), (33, 3, True), (48, 24, True),
-                                      (12, 127, False), (12, 2, False)])
+                                      (12, 96, True), (5, 100, True), (12, 127, False), (12, 2, False)])
 def test_fnet_half_spectrum_path(monkeypatch, device, s, d, half):
     """Real x: fnet_mix keeps D // 2 + 1 spectrum columns between its passes and the S pass stores the
     other half of the real output by symmetry (MIRROR), when D has an in-register plan (not D = 127: a
-    dense GEMM; not D = 2: nothing to save). Even and odd D, S = 1, dense and four-step S plans."""
+    dense GEMM; not D = 2: nothing to save). Even and odd D, S = 1, dense and four-step plans for D
+    (96 = 16 x 6, 100 = 10 x 10: bins k = k1 + N1 k2 are not contiguous in the tile) and for S."""
     seen = record_launches(monkeypatch, ops, "dft_axis_kernel", "MIRROR")
     x = rand(2, s, d, device=device)
     assert_close(tritonlab.fnet_mix(x, backend="triton"), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))

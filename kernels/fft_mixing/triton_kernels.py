@@ -239,8 +239,8 @@ def strided_copy_kernel(src_ptr, dst_ptr, R, C, stride_sb, stride_sr, stride_sc,
     """dst[b, r, c] = src[b, r, c] for one [BLOCK_R, BLOCK_C] tile, any strides: with src contiguous
     along c and dst along r it is a tiled transpose, both sides coalesced (Triton stages the tile
     through shared memory), where torch's strided copy runs at a fraction of the bandwidth."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = tl.program_id(2).to(tl.int64)
     mask = (r < R)[:, None] & (c < C)[None, :]
     v = tl.load(src_ptr + b * stride_sb + _offsets(r[:, None], stride_sr, c[None, :], stride_sc), mask=mask)
