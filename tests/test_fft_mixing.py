@@ -98,6 +98,19 @@ def test_fnet_half_spectrum_path(monkeypatch, device, s, d, half):
         ops._dft_axis(x, x, x, x, 12, 1, 1, (0, 1, 1), (0, 1, 1), True, True, 1, {"num_warps": 4}, 0, mirror_width=3)
 
 
+def test_small_dft_tiles_launch_with_at_most_four_warps(monkeypatch, device):
+    """Triton 3.6 on an H100 returned NaNs from dft_axis_kernel at [64, 16] tiles (D = 768, BLOCK_C = 1)
+    with 8 warps: such tiles (under ops.SMALL_TILE elements) launch with 4, larger ones as configured."""
+    seen = record_launches(monkeypatch, ops, "dft_axis_kernel", "BLOCK_C", "num_warps")
+    x = rand(1, 3, 768, device=device)
+    cfg = dict(ops._fnet_default({"S": 3, "D": 768}), D_BLOCK=1, num_warps=8)
+    assert_close(ops._fnet_triton(x, cfg), ref.fnet_mix_ref(np64(x)), tolerance(torch.float32))
+    assert seen[0] == (1, 4)  # the D pass: P1 x P2 x BLOCK_C = 64 x 16 x 1
+    seen.clear()
+    ops._fnet_triton(x, dict(cfg, D_BLOCK=2))
+    assert seen[0] == (2, 8)
+
+
 @pytest.mark.parametrize("s,d", [(87, 7), (136, 10), (87, 2)])
 def test_fnet_half_spectrum_on_the_split_path(monkeypatch, device, small_plans, s, d):
     """The split S pass (column GEMMs, then split_rows_kernel) takes the half spectrum too: its row
