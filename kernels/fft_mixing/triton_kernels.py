@@ -234,6 +234,16 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
 
 
 @jit
+def _store_mirrored(y_ptr, base, k, c, L, W, stride_yn, stride_yc, val, keep):
+    """The other half of a real 2-D DFT of real data whose columns c are the half spectrum of width W:
+    Re Z[-k, W - c] = Re Z[k, c], so val (at bins k [R, C'] of length L, columns c [C']) is stored at
+    row (L - k) mod L, column W - c, for the columns W - c the half spectrum lacks (c >= 1, W - c > W // 2)."""
+    c_m = W - c
+    ok = keep & ((c >= 1) & (c_m > W // 2))[None, :]
+    tl.store(y_ptr + base + _offsets((L - k) % L, stride_yn, c_m[None, :], stride_yc), val, mask=ok)
+
+
+@jit
 def strided_copy_kernel(src_ptr, dst_ptr, R, C, stride_sb, stride_sr, stride_sc, stride_db, stride_dr, stride_dc,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dst[b, r, c] = src[b, r, c] for one [BLOCK_R, BLOCK_C] tile, any strides: with src contiguous
@@ -256,9 +266,8 @@ def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
     """out[b, k, c] = sum_n exp(-2 pi i k n / L) in[b, n, c], L = N1 * N2, for a block of columns c.
 
     COMPLEX_IN: the input is (xr, xi), else real xr. COMPLEX_OUT: store (yr, yi), else only the real part.
-    Only bins k < K_OUT are stored. MIRROR (real output of a 2-D DFT of real data whose columns c are
-    the half spectrum of a transform of width MIRROR_W): Re Z[-k, W - c] = Re Z[k, c], so each value is
-    also stored at row (L - k) mod L, column W - c, for the columns W - c the half spectrum lacks.
+    Only bins k < K_OUT are stored. MIRROR: the columns are the half spectrum of real data of width
+    MIRROR_W, and the real output's other half is stored too (_store_mirrored).
     """
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -301,10 +310,8 @@ def dft_axis_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, f1_ptr, f2_ptr, tw_ptr,
     if COMPLEX_OUT:
         tl.store(yi_ptr + out_off, zi.to(yi_ptr.dtype.element_ty), mask=keep)
     if MIRROR:
-        c_m = MIRROR_W - c
-        m_keep = keep & ((c >= 1) & (c_m > MIRROR_W // 2))[None, :]
-        m_off = pid_b * stride_yb + _offsets((N1 * N2 - k) % (N1 * N2), stride_yn, c_m[None, :], stride_yc)
-        tl.store(yr_ptr + m_off, zr.to(yr_ptr.dtype.element_ty), mask=m_keep)
+        _store_mirrored(yr_ptr, pid_b * stride_yb, k, c, N1 * N2, MIRROR_W, stride_yn, stride_yc,
+                        zr.to(yr_ptr.dtype.element_ty), keep)
 
 
 @jit
@@ -430,8 +437,8 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
 
     FILTER: Z = F2 A, Z *= K[k1, k2, d] (1/M folded in), B = conj(F2) Z, B *= conj(W_M^(k1 n2)),
     written back over A. Otherwise (a plain DFT): out[b, k1 + N1 k2, d] = (F2 A)[k2, d], real part
-    unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT. MIRROR: as dft_axis_kernel's (the D columns
-    are a half spectrum of width MIRROR_W; the real part is also stored at row -k mod M, column W - d).
+    unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT. MIRROR: the D columns are a half
+    spectrum of width MIRROR_W, and the real output's other half is stored too (_store_mirrored).
 
     The [P2, P2] DFT table (P2 <= plans.MAX_SPLIT_FACTOR = 128) never sits whole in registers, where
     it spilled (3 KB a thread at P2 = 128 in fp32 on sm_90, per `tritonlab compile-check`;
@@ -492,7 +499,5 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
         if COMPLEX_OUT:
             tl.store(yi_ptr + y_off, zi.to(yi_ptr.dtype.element_ty), mask=mask)
         if MIRROR:
-            d_m = MIRROR_W - dd
-            m_mask = mask & ((dd >= 1) & (d_m > MIRROR_W // 2))[None, :]
-            m_off = pid_b * stride_yb + _offsets(((M - k) % M)[:, None], stride_yn, d_m[None, :], 1)
-            tl.store(yr_ptr + m_off, zr.to(yr_ptr.dtype.element_ty), mask=m_mask)
+            _store_mirrored(yr_ptr, pid_b * stride_yb, k[:, None], dd, M, MIRROR_W, stride_yn, 1,
+                            zr.to(yr_ptr.dtype.element_ty), mask)
