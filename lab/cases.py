@@ -35,6 +35,7 @@ import torch
 from . import baselines as B
 from .kernels._accuracy import TF32_TOLERANCE, rel_error, to_numpy, tolerance
 from .kernels._numpy_ref import activation as np_activation
+from .kernels.fft_mixing.fallback import hermitian_filter
 
 #: rows of the output (dim 0: tokens, or batch elements for [B, S, D] mixing) checked against the
 #: reference: at most CHECK_ROWS rows and about CHECK_ELEMENTS output elements, picked at random
@@ -777,14 +778,11 @@ def _fft_inputs(shape, dtype, device, g):
     b, s, d = shape["B"], shape["S"], shape["D"]
     dt = FLOAT_DTYPES[dtype]
     n = s // 2 + 1
-    imag = rand(g, n, d, device=device)
     # a filter that is the spectrum of a real kernel: no imaginary part at DC and Nyquist, where numpy's
     # irfft (our ops' definition) drops it and cuFFT's C2R does not (the torch.fft baseline then missed
     # the reference by 1/sqrt(S) on the H100)
-    imag[0] = 0
-    if s % 2 == 0:
-        imag[-1] = 0
-    filt = torch.complex(rand(g, n, d, device=device), imag)
+    filt = hermitian_filter(torch.complex(rand(g, n, d, device=device), rand(g, n, d, device=device)), s,
+                            torch.float32)
     return {"x": rand(g, b, s, d, dtype=dt, device=device), "filt": filt,
             "k": rand(g, s, d, dtype=dt, device=device, scale=s**-0.5)}
 
