@@ -11,7 +11,7 @@ from tritonlab.kernels._backend import torch_activation
 from tritonlab.kernels._tuning import registered
 from tritonlab.kernels.grouped_gemm import reference as ref
 from tritonlab.kernels.grouped_gemm.fallback import SlotLayout
-from tritonlab.kernels.grouped_gemm.grouping import CountedGrouping, DeviceGrouping
+from tritonlab.kernels.grouped_gemm.grouping import ONE_LAUNCH_MAX_GROUPS, ONE_LAUNCH_MAX_SLOTS, CountedGrouping, DeviceGrouping
 
 from helpers import DTYPES, assert_close, graph_replay, np64, rand, record_launches, tolerance
 
@@ -386,19 +386,26 @@ def test_device_grouping_tiles_cover_every_row_once(device, g, t, k, block_m):
     assert torch.equal(nonempty[: expected.numel()], expected) and (nonempty[expected.numel():] == g).all()
 
 
+@pytest.mark.parametrize("one_launch", [False, True], ids=["counting", "one-launch"])
 @pytest.mark.parametrize("g,t,k,kind", [(1, 50, 1, "uniform"), (7, 100, 2, "skew"), (64, 90, 3, "sparse"),
-                                        (65, 120, 2, "skew"), (300, 257, 1, "sparse"), (65536, 30, 8, "sparse")])
-def test_counted_grouping_equals_the_sorted_grouping(device, g, t, k, kind):
-    """The counting sort (forward) and the stable sort (backward) agree on offsets and tile maps, and
-    the counting sort's rows hold every slot once, each in its own group (any order within a group).
-    g <= 64 takes the per-block one-hot counts, larger g one atomic per slot."""
+                                        (65, 120, 2, "skew"), (300, 257, 1, "sparse"), (512, 1024, 1, "sparse"),
+                                        (1, 1, 1, "uniform"), (65536, 30, 8, "sparse")])
+def test_counted_grouping_equals_the_sorted_grouping(device, g, t, k, kind, one_launch):
+    """The forward groupings (counting sort; one-program sort for small problems) and the stable sort
+    (backward) agree on counts, offsets and tile maps, and the forward rows hold every slot once, each
+    in its own group: in any order within a group for the counting sort (g <= 64 takes its per-block
+    one-hot counts, larger g one atomic per slot), in slot order for the one-program sort."""
+    if one_launch and g > ONE_LAUNCH_MAX_GROUPS:
+        pytest.skip("too many groups for the one-program sort")
     idx = routing(t, k, g, kind, device)
-    counted, stable = CountedGrouping(idx, g, block_m=16), DeviceGrouping(idx, g)
+    counted, stable = CountedGrouping(idx, g, block_m=16, one_launch=one_launch), DeviceGrouping(idx, g)
     assert torch.equal(counted.offsets.cpu(), stable.offsets.cpu())
     assert torch.equal(counted.counts.long().cpu(), torch.bincount(idx.reshape(-1).cpu(), minlength=g))
     slots = counted.sorted_slot.long().cpu()
     assert torch.equal(torch.sort(slots).values, torch.arange(t * k))
     assert torch.equal(idx.reshape(-1).cpu()[slots], stable.sorted_group.cpu())
+    if one_launch:
+        assert torch.equal(slots, stable.order.cpu())  # stable: slot order within each group
     for block_m in (16, 32):
         (cg, cr), (sg, sr) = counted.tiles(block_m), stable.tiles(block_m)
         assert torch.equal(cg.cpu(), sg.cpu())
@@ -406,10 +413,46 @@ def test_counted_grouping_equals_the_sorted_grouping(device, g, t, k, kind):
         assert torch.equal(cr.cpu()[real], sr.cpu()[real])
 
 
-def test_counted_grouping_leaves_out_of_range_ids(device):
+def test_small_problems_group_in_one_launch(device, monkeypatch):
+    """Up to ONE_LAUNCH_MAX_SLOTS slots and ONE_LAUNCH_MAX_GROUPS groups, without counts from a
+    producer, the forward grouping is one launch; past either limit, or with counts, the counting sort."""
+    from tritonlab.kernels.grouped_gemm import grouping as grouping_module
+
+    launched = []
+    for name in ("group_sort_kernel", "group_count_kernel", "group_plan_kernel", "group_scatter_kernel"):
+        kernel = getattr(grouping_module, name)
+        monkeypatch.setattr(grouping_module, name, _RecordLaunches(kernel, name, launched))
+    cases = [((ONE_LAUNCH_MAX_SLOTS, 1), ONE_LAUNCH_MAX_GROUPS, None, ["group_sort_kernel"]),
+             ((ONE_LAUNCH_MAX_SLOTS // 2 + 1, 2), 8, None, ["group_count_kernel", "group_plan_kernel", "group_scatter_kernel"]),
+             ((100, 1), ONE_LAUNCH_MAX_GROUPS + 1, None, ["group_count_kernel", "group_plan_kernel", "group_scatter_kernel"]),
+             ((100, 1), 8, CountedGrouping.new_state(8, device), ["group_plan_kernel", "group_scatter_kernel"])]
+    for (t, k), g, state, expected in cases:
+        launched.clear()
+        idx = routing(t, k, g, "uniform", device)
+        if state is not None:
+            state[:g] = torch.bincount(idx.reshape(-1), minlength=g).to(torch.int32)
+        grouping = CountedGrouping(idx, g, state=state)
+        assert launched == expected, (t, k, g)
+        assert torch.equal(grouping.offsets.cpu(), DeviceGrouping(idx, g).offsets.cpu())
+
+
+class _RecordLaunches:
+    """Wraps a Triton kernel: records its name at each launch, then launches it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("one_launch", [False, True], ids=["counting", "one-launch"])
+def test_counted_grouping_leaves_out_of_range_ids(device, one_launch):
     idx = torch.tensor([[0, 5], [-1, 2], [3, 1], [2, 2]], device=device)
-    counted = CountedGrouping(idx, 4)
+    counted = CountedGrouping(idx, 4, one_launch=one_launch)
     assert counted.offsets.tolist() == [0, 1, 2, 5, 6]
+    assert counted.counts.tolist() == [1, 1, 3, 1]
     # slots 1 (id 5) and 2 (id -1) are in no group; the rows past offsets[G] are never read
     assert sorted(counted.sorted_slot[:6].tolist()) == [0, 3, 4, 5, 6, 7]
 

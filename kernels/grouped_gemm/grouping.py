@@ -25,7 +25,10 @@ Two implementations of that interface:
 - `CountedGrouping`: a counting sort in three small Triton launches (count, scan + tile map,
   scatter) instead of a dozen torch ops around a radix sort: what the forward passes use, where
   host time per launch is what large-T FFF layers wait on. Rows within a group come in whatever
-  order the atomics give; forward rows are computed independently, so no result changes.
+  order the atomics give; forward rows are computed independently, so no result changes. Small
+  problems (`sorts_in_one_launch`: up to 1024 slots and 512 groups) are grouped by one program
+  instead, a sort of (group, slot) keys (stable order), in one launch and no memset: at those sizes
+  the host's cost per launch (tens of microseconds) is far more than the GPU's work.
 """
 from __future__ import annotations
 
@@ -33,8 +36,8 @@ from typing import Optional
 
 import torch
 
-from .._backend import cdiv, next_pow2
-from .triton_kernels import group_count_kernel, group_plan_kernel, group_scatter_kernel
+from .._backend import cdiv, new_output, next_pow2
+from .triton_kernels import group_count_kernel, group_plan_kernel, group_scatter_kernel, group_sort_kernel
 
 
 #: largest slot count (T*k) and group count for the direct (sort-free) forward plan
@@ -45,6 +48,24 @@ DIRECT_MAX_GROUPS = 1024
 #: group counts up to this use the per-block one-hot counts (one atomic per group and block)
 SMALL_GROUPS = 64
 
+#: largest slot and group counts that one program groups (group_sort_kernel); the histogram's bins
+#: stay within the range Triton's own tests cover (up to 512)
+ONE_LAUNCH_MAX_SLOTS = 1024
+ONE_LAUNCH_MAX_GROUPS = 512
+
+
+def sorts_in_one_launch(num_slots: int, num_groups: int) -> bool:
+    """Whether CountedGrouping groups this problem in one launch (group_sort_kernel), needing no counts."""
+    return num_slots <= ONE_LAUNCH_MAX_SLOTS and num_groups <= ONE_LAUNCH_MAX_GROUPS
+
+
+def _int32_parts(device: torch.device, *sizes: int) -> list[torch.Tensor]:
+    """int32 tensors of these sizes carved from one allocation (one allocator call instead of one
+    each), each starting on a 16-byte boundary as a fresh tensor would (Triton specializes on it)."""
+    padded = [-(-size // 4) * 4 for size in sizes]
+    whole = new_output((sum(padded),), torch.int32, device)
+    return [part[:size] for part, size in zip(whole.split(padded), sizes)]
+
 
 class DeviceGrouping:
     """Slots of `indices` [T, k] sorted by group on the device (see module docstring)."""
@@ -53,7 +74,7 @@ class DeviceGrouping:
         t, k = indices.shape
         self.num_tokens, self.topk, self.num_groups = t, k, num_groups
         self.num_slots = t * k
-        self.ids = indices.reshape(-1)  # int64 [M], slot order
+        self.ids = indices.reshape(-1).contiguous()  # int64 [M], slot order (kernels read it densely)
         #: decode-size plan: no sort at all, the GEMM kernel masks slots per group (see triton_kernels)
         self.direct = direct
         if direct:
@@ -107,8 +128,10 @@ class CountedGrouping:
 
     `state` (from `new_state`): int32 [2G], per-group counts then per-group cursors, zeroed in one
     memset. A producer of the ids may fill the counts as it makes them (the tree walk counts leaves
-    as it routes), which saves the counting launch; without `state` the ids are counted here.
-    `block_m` lays out the first tile map in the same launch as the offsets. Same attributes as
+    as it routes), which saves the counting launch; without `state` the ids are counted here, or,
+    for a small problem (sorts_in_one_launch), sorted by one program that also counts.
+    `block_m` lays out the first tile map in the same launch as the offsets; `one_launch` forces the
+    choice between the two (tests run both on the same ids). Same attributes as
     DeviceGrouping's forward use, plus `counts`; no `order`/`sorted_token` (the backward sorts).
     """
 
@@ -120,12 +143,20 @@ class CountedGrouping:
         return torch.zeros(2 * num_groups, dtype=torch.int32, device=device)
 
     def __init__(self, indices: torch.Tensor, num_groups: int, state: Optional[torch.Tensor] = None,
-                 block_m: Optional[int] = None):
+                 block_m: Optional[int] = None, one_launch: Optional[bool] = None):
         t, k = indices.shape
         self.num_tokens, self.topk, self.num_groups = t, k, num_groups
         self.num_slots = m = t * k
-        self.ids = indices.reshape(-1)
+        self.ids = indices.reshape(-1).contiguous()
         dev = indices.device
+        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if one_launch is None:
+            one_launch = state is None and sorts_in_one_launch(m, num_groups)
+        if one_launch:
+            if state is not None or num_groups > ONE_LAUNCH_MAX_GROUPS:
+                raise ValueError(f"the one-launch grouping takes no counts and at most {ONE_LAUNCH_MAX_GROUPS} groups")
+            self._sort_in_one_launch(block_m or 64)
+            return
         small = next_pow2(num_groups) if num_groups <= SMALL_GROUPS else 0
         grid = (cdiv(m, self._BLOCK),)
         counted = state is not None
@@ -135,11 +166,18 @@ class CountedGrouping:
         if not counted:
             group_count_kernel[grid](self.ids, self.counts, m, num_groups, BLOCK=self._BLOCK, SMALL_G=small)
         self.offsets = torch.empty(num_groups + 1, dtype=torch.int32, device=dev)
-        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plan(block_m or 64, write_offsets=True)
         self.sorted_slot = torch.empty(m, dtype=torch.int32, device=dev)
         group_scatter_kernel[grid](self.ids, self.offsets, cursor, self.sorted_slot, m, num_groups,
                                    BLOCK=self._BLOCK, SMALL_G=small)
+
+    def _sort_in_one_launch(self, block_m: int) -> None:
+        """counts, offsets, sorted_slot and the tile map for block_m, from group_sort_kernel."""
+        g, m, n = self.num_groups, self.num_slots, self.max_tiles(block_m)
+        self.counts, self.offsets, self.sorted_slot, tile_group, tile_row = _int32_parts(self.ids.device, g, g + 1, m, n, n)
+        group_sort_kernel[(1,)](self.ids, self.counts, self.offsets, self.sorted_slot, tile_group, tile_row, m, g, n,
+                                BLOCK_S=max(16, next_pow2(m)), BLOCK_G=max(16, next_pow2(g)), BLOCK_M=block_m)
+        self._tiles[block_m] = (tile_group, tile_row)
 
     def max_tiles(self, block_m: int) -> int:
         return cdiv(self.num_slots, block_m) + min(self.num_groups, self.num_slots)

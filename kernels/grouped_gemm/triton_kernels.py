@@ -21,6 +21,8 @@ Rows are slots sorted by group (grouping.py): group g owns sorted rows [offsets[
   counting sort (grouping.CountedGrouping): per-group counts by atomics, then offsets and the
   per-tile map from one scan, then each slot's sorted row from an atomic cursor per group. The
   atomics are relaxed: launch boundaries order the steps, and a cursor only needs atomicity.
+- `group_sort_kernel`: the same grouping of a small problem (up to 1024 slots and 512 groups) in
+  one program: a sort of (group, slot) keys and a histogram, one launch instead of three and a memset.
 """
 from __future__ import annotations
 
@@ -283,13 +285,41 @@ def group_count_kernel(ids_ptr, counts_ptr, M, G, BLOCK: tl.constexpr, SMALL_G: 
 
 
 @jit
+def _store_group_plan(c, g0, rows_before, tiles_before, surplus_from, surplus_step, offsets_ptr, tile_group_ptr,
+                      tile_row_ptr, G, max_tiles, WRITE_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_G: tl.constexpr):
+    """Offsets and tile map of groups g0 .. g0 + BLOCK_G - 1, whose counts are `c` [BLOCK_G] (0 past
+    G), given the rows and tiles of the groups before g0; tiles surplus_from, surplus_from + surplus_step,
+    ... (each a block of BLOCK_G) up to max_tiles are marked with group G."""
+    lane = tl.arange(0, BLOCK_G)
+    gg = g0 + lane
+    gmask = gg < G
+    nt = (c + BLOCK_M - 1) // BLOCK_M
+    row_end = rows_before + tl.cumsum(c, axis=0)
+    row_start = row_end - c
+    tile_start = tiles_before + tl.cumsum(nt, axis=0) - nt
+    if WRITE_OFFSETS:
+        tl.store(offsets_ptr + gg + 1, row_end, mask=gmask)
+        tl.store(offsets_ptr + gg, tl.zeros([BLOCK_G], dtype=tl.int32), mask=gg == 0)
+    for j in range(0, tl.max(nt, axis=0)):
+        m = gmask & (j < nt)
+        tl.store(tile_group_ptr + tile_start + j, gg, mask=m)
+        tl.store(tile_row_ptr + tile_start + j, row_start + j * BLOCK_M, mask=m)
+    surplus = tl.full([BLOCK_G], G, dtype=tl.int32)
+    for s0 in range(surplus_from, max_tiles, surplus_step):
+        ss = s0 + lane
+        tl.store(tile_group_ptr + ss, surplus, mask=ss < max_tiles)
+
+
+@jit
 def group_plan_kernel(counts_ptr, offsets_ptr, tile_group_ptr, tile_row_ptr, G, max_tiles,
                       WRITE_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     """From counts [G]: offsets [G + 1] (exclusive scan) and the tile map for tiles of BLOCK_M rows.
 
     Program p owns groups [p * BLOCK_G, (p + 1) * BLOCK_G). Each program sums the counts before its
     block itself (G / BLOCK_G loads of BLOCK_G each: cheaper than a second launch), then writes its
-    groups' offsets and tiles; tiles past the last group's are marked with group G.
+    groups' offsets and tiles; tiles past the last group's are marked with group G (shared out
+    among the programs).
     """
     pid = tl.program_id(0)
     g0 = pid * BLOCK_G
@@ -305,26 +335,35 @@ def group_plan_kernel(counts_ptr, offsets_ptr, tile_group_ptr, tile_row_ptr, G, 
         rows_before += tl.where(before, c, 0)
         tiles_before += tl.where(before, nt, 0)
         tiles_all += nt
-    gg = g0 + lane
-    gmask = gg < G
-    c = tl.load(counts_ptr + gg, mask=gmask, other=0)
+    c = tl.load(counts_ptr + g0 + lane, mask=g0 + lane < G, other=0)
+    _store_group_plan(c, g0, tl.sum(rows_before, axis=0), tl.sum(tiles_before, axis=0),
+                      tl.sum(tiles_all, axis=0) + g0, tl.num_programs(0) * BLOCK_G, offsets_ptr, tile_group_ptr,
+                      tile_row_ptr, G, max_tiles, WRITE_OFFSETS, BLOCK_M, BLOCK_G)
+
+
+@jit
+def group_sort_kernel(ids_ptr, counts_ptr, offsets_ptr, sorted_slot_ptr, tile_group_ptr, tile_row_ptr, M, G,
+                      max_tiles, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The whole forward grouping of a small problem in one program (M <= BLOCK_S slots, G <= BLOCK_G
+    groups): what the count, plan and scatter launches do, in one launch and without atomics.
+
+    Each slot's key is (group, slot), with out-of-range ids and padding lanes given group G, so one
+    sort puts every real slot in group order, slot order within a group (stable), and the
+    out-of-range ones after offsets[G], where no tile reads them. The counts come from a histogram
+    of the in-range ids.
+    """
+    s = tl.arange(0, BLOCK_S)
+    ids = tl.load(ids_ptr + s, mask=s < M, other=-1)
+    ok = (s < M) & (ids >= 0) & (ids < G)
+    grp = tl.where(ok, ids, G).to(tl.int32)
+    key = tl.sort(grp * BLOCK_S + s)
+    tl.store(sorted_slot_ptr + s, key % BLOCK_S, mask=s < M)
+    c = tl.histogram(grp, BLOCK_G, mask=ok)
+    lane = tl.arange(0, BLOCK_G)
+    tl.store(counts_ptr + lane, c, mask=lane < G)
     nt = (c + BLOCK_M - 1) // BLOCK_M
-    row_end = tl.sum(rows_before, axis=0) + tl.cumsum(c, axis=0)
-    row_start = row_end - c
-    tile_start = tl.sum(tiles_before, axis=0) + tl.cumsum(nt, axis=0) - nt
-    if WRITE_OFFSETS:
-        tl.store(offsets_ptr + gg + 1, row_end, mask=gmask)
-        if pid == 0:
-            tl.store(offsets_ptr + lane, tl.zeros([BLOCK_G], dtype=tl.int32), mask=lane == 0)
-    for j in range(0, tl.max(nt, axis=0)):
-        m = gmask & (j < nt)
-        tl.store(tile_group_ptr + tile_start + j, gg, mask=m)
-        tl.store(tile_row_ptr + tile_start + j, row_start + j * BLOCK_M, mask=m)
-    # the surplus of the upper-bound tile grid, shared out among the programs
-    surplus = tl.full([BLOCK_G], G, dtype=tl.int32)
-    for s0 in range(tl.sum(tiles_all, axis=0) + g0, max_tiles, tl.num_programs(0) * BLOCK_G):
-        ss = s0 + lane
-        tl.store(tile_group_ptr + ss, surplus, mask=ss < max_tiles)
+    _store_group_plan(c, 0, 0, 0, tl.sum(nt, axis=0), BLOCK_G, offsets_ptr, tile_group_ptr, tile_row_ptr, G,
+                      max_tiles, True, BLOCK_M, BLOCK_G)
 
 
 @jit

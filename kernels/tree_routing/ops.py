@@ -19,7 +19,7 @@ from .._backend import (check_activation, check_optional, check_same_device, che
                         resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
-from ..grouped_gemm.grouping import CountedGrouping
+from ..grouped_gemm.grouping import CountedGrouping, sorts_in_one_launch
 from ..grouped_gemm.ops import leaf_mlp_triton
 from . import fallback, reference
 from .triton_kernels import fff_fused_kernel, path_accumulate_kernel, tree_walk_kernel
@@ -161,12 +161,13 @@ def _fff_grouped(x, nw, nb, w1, b1, w2, b2, activation, count_leaves: bool = Tru
     """Route every token (one launch), then the leaves as one grouped computation (grouped_gemm's
     leaf_mlp Triton path; no host sync). count_leaves: the walk also counts tokens per leaf, the
     counting sort's first step without a launch of its own (large batches; decode sizes take the
-    sort-free plan and need no counts)."""
+    sort-free plan, and small ones the one-launch sort, neither of which needs counts)."""
     depth = (nw.shape[0] + 1).bit_length() - 1
     state = None
     if depth == 0:
         leaf = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
     else:
+        count_leaves = count_leaves and not sorts_in_one_launch(x.shape[0], 2**depth)
         state = CountedGrouping.new_state(2**depth, x.device) if count_leaves else None
         leaf = _walk_triton(x, nw, nb, depth, store_leaf=True, store_path=False,
                             leaf_counts=None if state is None else state[: 2**depth])[0]
