@@ -35,7 +35,8 @@ def __getattr__(name: str) -> Any:
         if e.name == f"{__name__}.{family}":
             raise AttributeError(f"{name}: kernel family {family!r} is not available yet") from e
         raise
-    return getattr(module, name)
+    value = globals()[name] = getattr(module, name)  # later lookups find it without this function
+    return value
 
 
 def __dir__() -> list[str]:

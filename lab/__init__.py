@@ -18,5 +18,6 @@ __all__ = list(_kernel_names) + ["kernels"]
 
 def __getattr__(name: str) -> Any:
     if name in _kernel_names:
-        return getattr(kernels, name)
+        value = globals()[name] = getattr(kernels, name)  # later lookups find it without this function
+        return value
     raise AttributeError(f"module 'tritonlab' has no attribute {name!r}")
