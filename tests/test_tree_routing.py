@@ -65,15 +65,18 @@ def test_tree_route_keeps_leading_dims_and_empty(backend, device):
         assert empty.shape == shape[:-1] and empty.dtype == torch.int32
 
 
-@pytest.mark.parametrize("config", [
-    {"BLOCK_T": 16, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 2},
-    {"BLOCK_T": 32, "BLOCK_D": 16, "DENSE_LEVELS": 2, "num_warps": 4},
-    {"BLOCK_T": 16, "BLOCK_D": 64, "DENSE_LEVELS": 6, "num_warps": 4},
+@pytest.mark.parametrize("config,depth", [
+    ({"BLOCK_T": 16, "BLOCK_D": 32, "DENSE_LEVELS": 0, "num_warps": 2}, 6),
+    ({"BLOCK_T": 32, "BLOCK_D": 16, "DENSE_LEVELS": 2, "num_warps": 4}, 6),
+    ({"BLOCK_T": 16, "BLOCK_D": 64, "DENSE_LEVELS": 6, "num_warps": 4}, 6),
+    ({"BLOCK_T": 16, "BLOCK_D": 32, "DENSE_LEVELS": 7, "num_warps": 4}, 8),
+    ({"BLOCK_T": 32, "BLOCK_D": 64, "DENSE_LEVELS": 8, "num_warps": 8}, 8),
 ])
-def test_tree_route_every_dense_split_is_exact(device, config):
-    """The tunable split (top levels as a tile product, the rest gathered) never changes a leaf."""
+def test_tree_route_every_dense_split_is_exact(device, config, depth):
+    """The tunable split (top levels as a tile product, the rest gathered; all 8 levels dense at
+    most) never changes a leaf."""
     kernel = registered()["tree_route"]
-    nw, nb = tree(6, 70, torch.float32, device)
+    nw, nb = tree(depth, 70, torch.float32, device)
     x = separated_tokens(53, 70, nw, nb, torch.float32, device)
     out = kernel.run({"x": x, "w": nw, "b": nb}, config)
     assert kernel.error({"x": x, "w": nw, "b": nb}, out) == 0.0

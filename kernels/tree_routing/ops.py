@@ -66,8 +66,13 @@ def _route_space(shape) -> list[dict]:
     d, depth = shape["D"], shape["depth"]
     resident = max(16, next_pow2(d))
     out = []
-    for bt, bd, dl, nw in itertools.product((16, 32, 64), (32, 64, 128, 256, resident), (0, 2, 3, 4, 5, 6), (4, 8)):
+    # 7 and 8 dense levels (127 / 255 node columns) make most of a depth-8 walk one tensor-core
+    # product (6.4 GFLOP at T = 16384, D = 768), instead of per-token gathers of node rows from L2;
+    # their weight tiles only fit streamed (BLOCK_D <= 128, see _route_smem)
+    for bt, bd, dl, nw in itertools.product((16, 32, 64), (32, 64, 128, 256, resident), (0, 2, 3, 4, 5, 6, 7, 8), (4, 8)):
         if bd > resident or dl > depth or bt * bd > 16384:  # larger register tiles spill
+            continue
+        if dl >= 7 and (bd > 128 or bt * 2**dl > 64 * 128 * (nw // 4)):  # the [BLOCK_T, 2**dl] accumulator spills
             continue
         cfg = {"BLOCK_T": bt, "BLOCK_D": bd, "DENSE_LEVELS": dl, "num_warps": nw}
         if cfg not in out:
