@@ -33,7 +33,6 @@ stats = {"misses": 0, "tuned": 0}
 
 def reset() -> None:
     """Forget every cached answer and database (re-read the files on the next lookup)."""
-    _tuning.forget_configs()
     _CACHE.clear()
     _DBS.clear()
     _SLUGS.clear()
@@ -88,7 +87,6 @@ def _tune_now(kernel: _tuning.TunableKernel, shape: Mapping[str, int], dtype: to
             db.put(kernel.name, shape, dtype, result.entry())
             stats["tuned"] += 1
             _CACHE.clear()  # a new entry can change the nearest bucket of other problems
-            _tuning.forget_configs()
             return dict(result.best_config)
         except Exception as e:  # never break a model's forward pass over tuning
             warnings.warn(f"TRITONLAB_AUTOTUNE: tuning {kernel.name} {dict(shape)} raised {type(e).__name__}: {e}; "

@@ -77,31 +77,15 @@ def set_config_provider(fn: Optional[Callable[[str, Shape, torch.dtype, torch.de
     """Install the function that answers config lookups (the autotuner's database), or None."""
     global _provider
     _provider = fn
-    forget_configs()
-
-
-#: lookup_config's answers: (name, shape items, dtype, device) -> (kernel, config). A launcher asks
-#: on every call, and the default's arithmetic plus the provider's key cost more than this lookup.
-_ANSWERS: dict[tuple, tuple[TunableKernel, Config]] = {}
-
-
-def forget_configs() -> None:
-    """Drop lookup_config's remembered answers (the provider's database changed)."""
-    _ANSWERS.clear()
 
 
 def lookup_config(name: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> Config:
-    """The launch config for kernel `name` on a problem: tuned entry if any, else the heuristic default.
-    Returns a fresh dict (callers may change it)."""
+    """The launch config for kernel `name` on a problem: tuned entry if any, else the heuristic default."""
     kernel = _REGISTRY[name]
-    key = (name, tuple(shape.items()), dtype, device)
-    known = _ANSWERS.get(key)
-    if known is not None and known[0] is kernel:  # a kernel re-registered under the name answers anew
-        return dict(known[1])
-    config = kernel.default(shape)
     if _provider is not None and device.type == "cuda":
         found = _provider(name, shape, dtype, device)
         if found:
-            config.update(found)
-    _ANSWERS[key] = (kernel, dict(config))
-    return config
+            merged = kernel.default(shape)
+            merged.update(found)
+            return merged
+    return kernel.default(shape)

@@ -182,32 +182,6 @@ def test_prefill_problem_with_only_decode_entries_gets_the_default(dirs, monkeyp
     assert _tuning.lookup_config(kernel.name, {"T": 8, "D": 7}, torch.float16, dev) == {"B": 16, "W": 4}
 
 
-def test_lookup_answers_are_remembered_until_the_database_changes(dirs, monkeypatch):
-    """lookup_config remembers its answers (the provider is asked once per problem), hands out copies
-    (a caller changing one changes no later answer), and answers anew after provider.reset()."""
-    kernel = _double_kernel("fake_remembered")
-    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
-    monkeypatch.setitem(provider._SLUGS, ("cuda", 0), "gpu_test")
-    dev, shape = torch.device("cuda", 0), {"T": 8, "D": 7}
-    db = TuningDB("gpu_test")
-    db.put(kernel.name, shape, torch.float32, _entry({"B": 64, "W": 2}, shape=shape))
-    misses = provider.stats["misses"]
-    first = _tuning.lookup_config(kernel.name, shape, torch.float32, dev)
-    first["B"] = -1
-    assert _tuning.lookup_config(kernel.name, shape, torch.float32, dev) == {"B": 64, "W": 2}
-    assert provider.stats["misses"] == misses + 1
-    db.put(kernel.name, shape, torch.float32, _entry({"B": 32, "W": 8}, shape=shape))
-    assert _tuning.lookup_config(kernel.name, shape, torch.float32, dev) == {"B": 64, "W": 2}  # still remembered
-    provider.reset()
-    monkeypatch.setitem(provider._SLUGS, ("cuda", 0), "gpu_test")  # reset() forgot it too
-    assert _tuning.lookup_config(kernel.name, shape, torch.float32, dev) == {"B": 32, "W": 8}
-    assert provider.stats["misses"] == misses + 2
-    # no entry for float16: the default, and a kernel re-registered under the name brings its own
-    assert _tuning.lookup_config(kernel.name, shape, torch.float16, dev) == {"B": 16, "W": 4}
-    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, dataclasses.replace(kernel, default=lambda s: {"B": 8, "W": 1}))
-    assert _tuning.lookup_config(kernel.name, shape, torch.float16, dev) == {"B": 8, "W": 1}
-
-
 # ----------------------------------------------------------------------------- files
 
 def test_round_trip_records_times_versions_and_date(dirs):
