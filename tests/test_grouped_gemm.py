@@ -418,33 +418,23 @@ def test_small_problems_group_in_one_launch(device, monkeypatch):
     producer, the forward grouping is one launch; past either limit, or with counts, the counting sort."""
     from tritonlab.kernels.grouped_gemm import grouping as grouping_module
 
-    launched = []
-    for name in ("group_sort_kernel", "group_count_kernel", "group_plan_kernel", "group_scatter_kernel"):
-        kernel = getattr(grouping_module, name)
-        monkeypatch.setattr(grouping_module, name, _RecordLaunches(kernel, name, launched))
-    cases = [((ONE_LAUNCH_MAX_SLOTS, 1), ONE_LAUNCH_MAX_GROUPS, None, ["group_sort_kernel"]),
-             ((ONE_LAUNCH_MAX_SLOTS // 2 + 1, 2), 8, None, ["group_count_kernel", "group_plan_kernel", "group_scatter_kernel"]),
-             ((100, 1), ONE_LAUNCH_MAX_GROUPS + 1, None, ["group_count_kernel", "group_plan_kernel", "group_scatter_kernel"]),
-             ((100, 1), 8, CountedGrouping.new_state(8, device), ["group_plan_kernel", "group_scatter_kernel"])]
-    for (t, k), g, state, expected in cases:
-        launched.clear()
+    names = ("group_sort_kernel", "group_count_kernel", "group_plan_kernel", "group_scatter_kernel")
+    logs = {name: record_launches(monkeypatch, grouping_module, name) for name in names}
+    cases = [((ONE_LAUNCH_MAX_SLOTS, 1), ONE_LAUNCH_MAX_GROUPS, False, (1, 0, 0, 0)),
+             ((ONE_LAUNCH_MAX_SLOTS // 2 + 1, 2), 8, False, (0, 1, 1, 1)),
+             ((100, 1), ONE_LAUNCH_MAX_GROUPS + 1, False, (0, 1, 1, 1)),
+             ((100, 1), 8, True, (0, 0, 1, 1))]
+    for (t, k), g, counted, expected in cases:
+        for log in logs.values():
+            log.clear()
         idx = routing(t, k, g, "uniform", device)
-        if state is not None:
+        state = None
+        if counted:  # the producer of the ids filled in the counts (fff_forward's tree walk)
+            state = CountedGrouping.new_state(g, device)
             state[:g] = torch.bincount(idx.reshape(-1), minlength=g).to(torch.int32)
         grouping = CountedGrouping(idx, g, state=state)
-        assert launched == expected, (t, k, g)
+        assert tuple(len(logs[name]) for name in names) == expected, (t, k, g)
         assert torch.equal(grouping.offsets.cpu(), DeviceGrouping(idx, g).offsets.cpu())
-
-
-class _RecordLaunches:
-    """Wraps a Triton kernel: records its name at each launch, then launches it."""
-
-    def __init__(self, kernel, name, log):
-        self.kernel, self.name, self.log = kernel, name, log
-
-    def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("one_launch", [False, True], ids=["counting", "one-launch"])

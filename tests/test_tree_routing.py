@@ -142,6 +142,26 @@ def test_fff_forward_depth_12_decode_and_batch(backend, device):
         assert_close(y, ref.fff_forward_ref(*(np64(a) for a in (x, nw, nb, w1, b1, w2, b2)), "relu"), tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("one_launch_max_slots", [16, 1024])
+def test_fff_forward_grouped_path_with_and_without_walk_counts(device, monkeypatch, one_launch_max_slots):
+    """Above the decode size the leaves run grouped: small batches group in one launch; larger ones
+    (here: the one-launch limit lowered to 16 slots) take the counting sort, whose counts the tree
+    walk adds up as it routes (COUNT_LEAVES). Both agree with the reference and count every leaf."""
+    from tritonlab.kernels.grouped_gemm import grouping
+
+    monkeypatch.setattr(grouping, "ONE_LAUNCH_MAX_SLOTS", one_launch_max_slots)
+    depth, d, h, o, t = 5, 24, 8, 12, 150
+    nw, nb = tree(depth, d, torch.float32, device)
+    w1, b1 = rand(2**depth, d, h, device=device), rand(2**depth, h, device=device)
+    w2, b2 = rand(2**depth, h, o, device=device), rand(2**depth, o, device=device)
+    x = separated_tokens(t, d, nw, nb, torch.float32, device)
+    y, counts = tritonlab.fff_forward(x, nw, nb, w1, b1, w2, b2, "gelu", return_leaf_counts=True, backend="triton")
+    args = [np64(a) for a in (x, nw, nb, w1, b1, w2, b2)]
+    assert_close(y, ref.fff_forward_ref(*args, "gelu"), tolerance(torch.float32))
+    leaves = ref.tree_route_ref(*args[:3])
+    assert counts.tolist() == np.bincount(leaves, minlength=2**depth).tolist()
+
+
 @pytest.mark.parametrize("t", [1, 63, 64, 200])  # below and from SAMPLED_DOT_MIN_TOKENS
 @pytest.mark.parametrize("top", [None, 0, 1, 3, 7])
 @pytest.mark.parametrize("bias", [True, False])
