@@ -63,7 +63,7 @@ if HAS_TRITON:
     def apply_activation(x, ACT: tl.constexpr):
         """Elementwise activation on a float32 tile; ACT is one of ACTIVATION_CODES' values."""
         if ACT == 1:
-            x = tl.maximum(x, 0.0)
+            x = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN, as in torch.relu (tl.maximum would give 0)
         elif ACT == 2:  # exact GELU x * Phi(x), Phi through erfc so the negative tail keeps its precision
             x = x * _std_normal_cdf(x)
         elif ACT == 3:

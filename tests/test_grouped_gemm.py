@@ -119,6 +119,18 @@ def test_both_cpu_fallback_paths_match_reference(monkeypatch, in_place):
                  tolerance(torch.bfloat16))
 
 
+def test_nan_token_stays_nan_through_relu(backend, device):
+    """A NaN in one token's input makes that token's output NaN (relu keeps NaN, as torch.relu does)
+    and leaves every other token finite."""
+    x, idx = rand(7, 24, device=device), routing(7, 2, 3, "uniform", device)
+    x[4, 5] = float("nan")
+    w1, w2 = rand(3, 24, 10, device=device), rand(3, 10, 12, device=device)
+    ys = [tritonlab.gather_matmul_scatter(x, w1, idx, activation="relu", backend=backend),
+          tritonlab.leaf_mlp(x, idx, w1, None, w2, None, "relu", backend=backend)]
+    for y in ys:
+        assert torch.isnan(y[4]).all() and torch.isfinite(y[[0, 1, 2, 3, 5, 6]]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 def test_half_precision(backend, device, dtype):
     x, w, idx, b, r = gms_inputs(45, 2, 6, 40, 24, dtype, device)

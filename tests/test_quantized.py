@@ -145,8 +145,9 @@ def test_nan_row_stays_in_its_row_through_the_gemm(backend, device):
     for qname in QNAMES:
         a_q, a_s = tritonlab.quantize(x, qname, "row", backend=backend)
         b_q, b_s = tritonlab.quantize(w, qname, "row", backend=backend)
-        y = tritonlab.scaled_matmul(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend=backend)
-        assert torch.isnan(y[4]).all() and torch.isfinite(y[[0, 1, 2, 3, 5]]).all()
+        for act in (None, "relu"):  # relu keeps NaN, as torch.relu does
+            y = tritonlab.scaled_matmul(a_q, a_s, b_q, b_s, activation=act, out_dtype=torch.float32, backend=backend)
+            assert torch.isnan(y[4]).all() and torch.isfinite(y[[0, 1, 2, 3, 5]]).all()
 
 
 def test_quantize_zero_slices_saturation_and_empty(backend, device):

@@ -142,6 +142,23 @@ def test_fff_forward_depth_12_decode_and_batch(backend, device):
         assert_close(y, ref.fff_forward_ref(*(np64(a) for a in (x, nw, nb, w1, b1, w2, b2)), "relu"), tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("t", [3, 70])  # the fused decode kernel and the grouped path
+def test_nan_token_stays_nan_through_relu(backend, device, t):
+    """A NaN in one token makes that token's output NaN (relu keeps NaN, as torch.relu does; its
+    route takes the left child, NaN >= 0 being false) and leaves every other token finite."""
+    depth, d, h, o = 3, 20, 6, 9
+    nw, nb = tree(depth, d, torch.float32, device)
+    x = separated_tokens(t, d, nw, nb, torch.float32, device)
+    x[1, 3] = float("nan")
+    w1, w2 = rand(2**depth, d, h, device=device), rand(2**depth, h, o, device=device)
+    w_in, w_out = rand(2**(depth + 1) - 1, d, device=device), rand(2**(depth + 1) - 1, o, device=device)
+    for y in (tritonlab.fff_forward(x, nw, nb, w1, None, w2, None, "relu", backend=backend),
+              tritonlab.fff_path_forward(x, w_in, w_out, None, "relu", backend=backend)):
+        others = torch.ones(t, dtype=torch.bool)
+        others[1] = False
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[others.to(y.device)]).all()
+
+
 @pytest.mark.parametrize("one_launch_max_slots", [16, 1024])
 def test_fff_forward_grouped_path_with_and_without_walk_counts(device, monkeypatch, one_launch_max_slots):
     """Above the decode size the leaves run grouped: small batches group in one launch; larger ones
