@@ -187,10 +187,17 @@ def torch_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def check_width(name: str, n: int, what: str) -> None:
+    """ValueError naming the argument when a feature width is 0 (a layer of no features means nothing)."""
+    if n < 1:
+        raise ValueError(f"{name} must have {what} >= 1, got {n}")
+
+
 def flatten_tokens(name: str, x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
     """[..., D] -> ([T, D] contiguous, leading shape). Checks the last dim against `width` if given."""
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dim [..., D], got a 0-d tensor")
+    check_width(name, x.shape[-1], "a last dim (features) D")
     if width is not None and x.shape[-1] != width:
         raise ValueError(f"{name} has last dim {x.shape[-1]}, expected {width}")
     lead = tuple(x.shape[:-1])

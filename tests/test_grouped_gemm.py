@@ -522,6 +522,11 @@ def _bad_calls():
         ("w2", TypeError, lambda: leaf(x, idx, w1, b1, w2.half(), b2)),
         ("activation", ValueError, lambda: leaf(x, idx, w1, b1, w2, b2, "tanh")),
         ("route_weights", ValueError, lambda: leaf(x, idx, w1, b1, w2, b2, "relu", torch.rand(5))),
+        # zero widths
+        ("x", ValueError, lambda: gms(rand(5, 0), rand(3, 0, 6), idx)),
+        ("weight", ValueError, lambda: gms(x, rand(3, 8, 0), idx)),
+        ("w1", ValueError, lambda: leaf(x, idx, rand(3, 8, 0), None, rand(3, 0, 6), b2)),
+        ("w2", ValueError, lambda: leaf(x, idx, w1, b1, rand(3, 4, 0), None)),
     ]
 
 

@@ -262,6 +262,14 @@ def _bad_calls():
         ("w2", ValueError, lambda: f(x, nw, nb, w1, b1, w2.to("meta"), b2)),
         ("w_in", ValueError, lambda: tritonlab.fff_path_forward(x, rand(6, 8), rand(6, 3))),
         ("w_out", ValueError, lambda: tritonlab.fff_path_forward(x, nw, rand(3, 3))),
+        # zero widths and a 0-d x
+        ("x", ValueError, lambda: tritonlab.tree_route(torch.tensor(1.0), nw)),
+        ("x", ValueError, lambda: f(torch.tensor(1.0), nw, nb, w1, b1, w2, b2)),
+        ("x", ValueError, lambda: tritonlab.tree_route(rand(5, 0), rand(7, 0))),
+        ("w1", ValueError, lambda: f(x, nw, nb, rand(8, 8, 0), None, rand(8, 0, 6), b2)),
+        ("w2", ValueError, lambda: f(x, nw, nb, w1, b1, rand(8, 4, 0), None)),
+        ("w_in", ValueError, lambda: tritonlab.fff_path_forward(x, rand(0, 8), rand(0, 3))),
+        ("w_out", ValueError, lambda: tritonlab.fff_path_forward(x, nw, rand(7, 0))),
     ]
 
 

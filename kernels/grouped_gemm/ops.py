@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (INDEX_DTYPES, check_activation, check_optional, check_same_device, check_same_dtype,
+from .._backend import (INDEX_DTYPES, check_activation, check_optional, check_width, check_same_device, check_same_dtype,
                         check_tensor, cdiv, dispatch, fit_pipelined_tiles, flatten_tokens, new_output,
                         next_pow2, resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting
@@ -53,6 +53,7 @@ def _check_x_and_group_weight(x: Tensor, name: str, w: Tensor) -> tuple[int, int
     g, d, n = w.shape
     if g == 0:
         raise ValueError(f"{name} must have at least one group ({name}.shape[0] >= 1)")
+    check_width(name, n, "an output width (dim 2)")
     if d != x.shape[-1]:
         raise ValueError(f"{name} must be [G, D, N] with D = x.shape[-1] = {x.shape[-1]}, got {tuple(w.shape)}")
     return g, d, n
@@ -658,6 +659,7 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     if activation != "swiglu":
         check_activation(activation, LEAF_ACTIVATIONS)
     h, o = w2.shape[1], w2.shape[2]
+    check_width("w2", o, "an output width O (dim 2)")
     if w2.shape[0] != g:
         raise ValueError(f"w2 must have G = {g} groups (w1.shape[0]), got {tuple(w2.shape)}")
     want_h1 = 2 * h if activation == "swiglu" else h

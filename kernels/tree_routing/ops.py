@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (check_activation, check_optional, check_same_device, check_same_dtype,
+from .._backend import (check_activation, check_optional, check_width, check_same_device, check_same_dtype,
                         check_tensor, cdiv, dispatch, flatten_tokens, new_output, next_pow2,
                         resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
@@ -43,7 +43,12 @@ def _tree_depth(name: str, w: torch.Tensor, extra_level: bool = False) -> int:
 
 def _check_tree_inputs(x, node_weight, node_bias, w_name="node_weight", b_name="node_bias", extra_level=False):
     check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim [..., D], got a 0-d tensor")
+    check_width("x", x.shape[-1], "a last dim (features) D")
     check_tensor(w_name, node_weight, ndim=2)
+    if extra_level and node_weight.shape[0] == 0:
+        raise ValueError(f"{w_name} must have 2**(depth+1) - 1 >= 1 rows (the root at least), got 0")
     levels = _tree_depth(w_name, node_weight, extra_level)
     if node_weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{w_name} has width {node_weight.shape[1]} but x has last dim {x.shape[-1]}")
@@ -316,6 +321,8 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
     if w1.shape[1] != d:
         raise ValueError(f"w1 must be [L, D={d}, H], got {tuple(w1.shape)}")
     h, o = w1.shape[2], w2.shape[2]
+    check_width("w1", h, "a hidden width H (dim 2)")
+    check_width("w2", o, "an output width O (dim 2)")
     if w2.shape[1] != h:
         raise ValueError(f"w2 must be [L, H={h}, O] to match w1, got {tuple(w2.shape)}")
     check_optional("b1", b1, (n_leaves, h))
@@ -353,6 +360,7 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
     check_tensor("w_out", w_out, ndim=2)
     if w_out.shape[0] != w_in.shape[0]:
         raise ValueError(f"w_out must have one row per node ({w_in.shape[0]}), got {w_out.shape[0]}")
+    check_width("w_out", w_out.shape[1], "an output width O (dim 1)")
     check_same_dtype(x, w_out=w_out)
     check_activation(activation)
     check_same_device(x=x, w_in=w_in, w_out=w_out, b_in=b_in)
