@@ -91,10 +91,16 @@ def fit_pipelined_tiles(cfg: dict, element_bytes: int, device: torch.device) -> 
     return cfg
 
 
+def check_backend(backend: object) -> str:
+    """The backend name, or a ValueError naming `backend` (modules check it when they are built)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Return "triton" or "torch" for an op whose tensors live on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         backend = os.environ.get("TRITONLAB_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:

@@ -37,3 +37,17 @@ def record_launches(monkeypatch, module, kernel_name: str, *keys: str) -> list:
 
     monkeypatch.setattr(module, kernel_name, _Recorder())
     return launched
+
+
+def check_grads(run, formula, tensors, dy) -> None:
+    """Gradients of run(*tensors) against autograd through `formula` in float64, for the upstream
+    gradient dy: every input that is not None must get a gradient of its own dtype, within twice the
+    float32 tolerance."""
+    ours = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    run(*ours).backward(dy)
+    ref64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    formula(*ref64).backward(dy.double())
+    for i, (a, r) in enumerate(zip(ours, ref64)):
+        if a is not None:
+            assert a.grad is not None and a.grad.dtype == a.dtype, f"input {i}: no gradient"
+            assert_close(a.grad, r.grad, 2 * tolerance(torch.float32), what=f"grad of input {i}")

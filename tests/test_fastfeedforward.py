@@ -80,3 +80,29 @@ def test_bad_module_arguments():
         tritonlab.FastFeedForward(8, 4, 8, 2, "tanh")
     with pytest.raises(ValueError, match="leaf_width"):
         tritonlab.FastFeedForward(8, 0, 8, 2)
+    with pytest.raises(TypeError, match="depth"):
+        tritonlab.FastFeedForward(8, 4, 8, 2.0)
+    with pytest.raises(ValueError, match="backend"):
+        tritonlab.FastFeedForward(8, 4, 8, 2, backend="gpu")
+    m = tritonlab.FastFeedForward(8, 4, 6, 2)
+    for training in (True, False):  # the soft tree (training) checks its input as the kernels do
+        m.train(training)
+        for exc, bad in ((ValueError, torch.randn(3, 7)), (ValueError, torch.tensor(1.0)),
+                         (TypeError, torch.ones(3, 8, dtype=torch.int64)), (TypeError, [[0.0] * 8]),
+                         (ValueError, torch.randn(3, 8, device="meta"))):
+            with pytest.raises(exc, match="x"):
+                m(bad)
+        with pytest.raises(TypeError, match="return_leaf_counts"):
+            m(torch.randn(3, 8), return_leaf_counts="no")
+
+
+def test_bfloat16_input_in_both_modes():
+    """A bf16 x through float32 parameters (with a master leaf): bf16 out in training (the soft tree
+    in float32) and in eval (the kernels in bf16), close to the float32 result."""
+    m = tritonlab.FastFeedForward(8, 4, 6, 2, master_leaf_width=5, backend="torch")
+    x = torch.randn(10, 8)
+    for training in (True, False):
+        m.train(training)
+        y16, y32 = m(x.bfloat16()), m(x.bfloat16().float())
+        assert y16.dtype == torch.bfloat16
+        assert (y16.float() - y32).norm() <= 2e-2 * y32.norm()

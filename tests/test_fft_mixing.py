@@ -504,6 +504,13 @@ def test_empty_batches(backend, device):
         assert tritonlab.fnet_mix(x, backend=backend).shape == shape
         assert tritonlab.spectral_filter(x, cfilt(5, d, device=device), backend=backend).shape == shape
         assert tritonlab.fft_conv(x, rand(3, d, device=device), backend=backend).shape == shape
+        # a training step on an empty batch: zero gradients for x and the filter / kernel, no error
+        xg, filt, k = x.clone().requires_grad_(), cfilt(5, d, device=device).requires_grad_(), rand(3, d, device=device).requires_grad_()
+        loss = (tritonlab.fnet_mix(xg, backend=backend).sum() + tritonlab.spectral_filter(xg, filt, backend=backend).sum()
+                + tritonlab.fft_conv(xg, k, backend=backend).sum())
+        loss.backward()
+        for t in (xg, filt, k):
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.abs().sum()
 
 
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # "triton" needs CUDA tensors, or the interpreter
@@ -538,7 +545,16 @@ def _bad_calls():
         ("seq_len", ValueError, lambda: FFTTokenMixer(4, None, "filter")),
         ("seq_len", ValueError, lambda: FFTTokenMixer(4, 16, "filter")(x)),
         ("D = 5", ValueError, lambda: FFTTokenMixer(5, 8, "fnet")(x)),
+        ("x", TypeError, lambda: FFTTokenMixer(4, 8, "adaptive")(x.to(torch.int64))),
+        ("backend", ValueError, lambda: FFTTokenMixer(4, 8, "fnet", backend="gpu")),
     ]
+
+
+def test_causal_takes_numpy_bools(device):
+    x, k = rand(2, 8, 4, device=device), rand(8, 4, device=device)
+    for flag in (True, False):
+        assert torch.equal(tritonlab.fft_conv(x, k, np.bool_(flag), backend="torch"),
+                           tritonlab.fft_conv(x, k, flag, backend="torch"))
 
 
 @pytest.mark.parametrize("name,exc,call", _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")

@@ -13,7 +13,7 @@ from tritonlab.kernels.grouped_gemm import reference as ref
 from tritonlab.kernels.grouped_gemm.fallback import SlotLayout
 from tritonlab.kernels.grouped_gemm.grouping import ONE_LAUNCH_MAX_GROUPS, ONE_LAUNCH_MAX_SLOTS, CountedGrouping, DeviceGrouping
 
-from helpers import DTYPES, assert_close, graph_replay, np64, rand, record_launches, tolerance
+from helpers import DTYPES, assert_close, check_grads, graph_replay, np64, rand, record_launches, tolerance
 
 
 def routing(t, k, g, kind, device):
@@ -247,10 +247,10 @@ def test_cpu_fallback_layouts(mode_cost, monkeypatch):
     x, idx, w1, b1, w2, b2, r = leaf_inputs(33, 2, 5, 20, 12, 16, "swiglu", torch.float32, "cpu", "skew")
     assert fallback.SlotLayout(idx, 5, 1, 1, widths=(20, 24, 12, 16)).sorted_mode == (mode_cost < 0 and fallback._grouped_mm_works())
     dy = rand(33, 16)
-    _check_grads(lambda *a: tritonlab.leaf_mlp(a[0], idx, *a[1:5], "swiglu", a[5], backend="torch"),
+    check_grads(lambda *a: tritonlab.leaf_mlp(a[0], idx, *a[1:5], "swiglu", a[5], backend="torch"),
                  lambda *a: leaf_formula(a[0], idx, *a[1:5], "swiglu", a[5]), [x, w1, b1, w2, b2, r], dy)
     x, w, idx, b, r = gms_inputs(33, 3, 5, 20, 12, torch.float32, "cpu", "skew")
-    _check_grads(lambda x_, w_, b_, r_: tritonlab.gather_matmul_scatter(x_, w_, idx, b_, r_, "silu", backend="torch"),
+    check_grads(lambda x_, w_, b_, r_: tritonlab.gather_matmul_scatter(x_, w_, idx, b_, r_, "silu", backend="torch"),
                  lambda x_, w_, b_, r_: gms_formula(x_, w_, idx, b_, r_, "silu"), [x, w, b, r], rand(33, 12))
 
 
@@ -287,23 +287,12 @@ def leaf_formula(x, idx, w1, b1, w2, b2, act, rw):
     return ((1 if rw is None else rw[..., None]) * v).sum(1)
 
 
-def _check_grads(run, formula, tensors, dy):
-    ours = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
-    run(*ours).backward(dy)
-    ref64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
-    formula(*ref64).backward(dy.double())
-    for i, (a, r) in enumerate(zip(ours, ref64)):
-        if a is not None:
-            assert a.grad is not None and a.grad.dtype == a.dtype, f"input {i}: no gradient"
-            assert_close(a.grad, r.grad, 2 * tolerance(torch.float32), what=f"grad of input {i}")
-
-
 @pytest.mark.parametrize("act,bias,rw,k", [("gelu", True, True, 2), (None, False, False, 3), ("relu", True, False, 1),
                                            (None, True, True, 1)])
 def test_gather_matmul_scatter_backward(backend, device, act, bias, rw, k):
     x, w, idx, b, r = gms_inputs(31, k, 6, 20, 18, torch.float32, device, "skew", bias, rw)
     dy = rand(31, 18, device=device)
-    _check_grads(lambda x_, w_, b_, r_: tritonlab.gather_matmul_scatter(x_, w_, idx, b_, r_, act, backend=backend),
+    check_grads(lambda x_, w_, b_, r_: tritonlab.gather_matmul_scatter(x_, w_, idx, b_, r_, act, backend=backend),
                  lambda x_, w_, b_, r_: gms_formula(x_, w_, idx, b_, r_, act), [x, w, b, r], dy)
 
 
@@ -312,7 +301,7 @@ def test_gather_matmul_scatter_backward(backend, device, act, bias, rw, k):
 def test_leaf_mlp_backward(backend, device, act, bias, rw, k):
     x, idx, w1, b1, w2, b2, r = leaf_inputs(29, k, 5, 20, 12, 17, act, torch.float32, device, "uniform", bias, rw)
     dy = rand(29, 17, device=device)
-    _check_grads(lambda *a: tritonlab.leaf_mlp(a[0], idx, *a[1:5], act, a[5], backend=backend),
+    check_grads(lambda *a: tritonlab.leaf_mlp(a[0], idx, *a[1:5], act, a[5], backend=backend),
                  lambda *a: leaf_formula(a[0], idx, *a[1:5], act, a[5]), [x, w1, b1, w2, b2, r], dy)
 
 
@@ -527,6 +516,7 @@ def _bad_calls():
         ("weight", ValueError, lambda: gms(x, rand(3, 8, 0), idx)),
         ("w1", ValueError, lambda: leaf(x, idx, rand(3, 8, 0), None, rand(3, 0, 6), b2)),
         ("w2", ValueError, lambda: leaf(x, idx, w1, b1, rand(3, 4, 0), None)),
+        ("backend", ValueError, lambda: tritonlab.LeafMLP(3, 8, 4, 6, backend="cuda")),
     ]
 
 

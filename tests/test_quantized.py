@@ -397,7 +397,24 @@ def _bad_calls():
         ("activation", ValueError, lambda: tritonlab.QuantizedFFN.from_float(l1, l2, "tanh", "int8")),
         ("activation", ValueError, lambda: tritonlab.QuantizedFFN.from_float(l1, l2, nn.Tanh(), "int8")),
         ("x", ValueError, lambda: tritonlab.QuantizedFFN.from_float(l1, l2, "relu", "int8")(rand(3, 15))),
+        ("x", TypeError, lambda: tritonlab.QuantizedFFN.from_float(l1, l2, "relu", "int8")([[0.0] * 16])),
+        ("w1_q", ValueError, lambda: tritonlab.QuantizedFFN.from_float(l1, l2, "relu", "int8")(rand(3, 16, device="meta"))),
+        ("linear1.weight", ValueError, lambda: tritonlab.QuantizedFFN.from_float(_with_nan(l1), l2, "relu", "int8")),
+        ("linear2.weight", TypeError, lambda: tritonlab.QuantizedFFN.from_float(l1, nn.Linear(8, 4).double(), "relu", "int8")),
+        ("w1_q", TypeError, lambda: tritonlab.QuantizedFFN(rand(8, 16), a_s[:1].expand(8, 1), None, b_q[:4, :8], b_s[:4], None, "relu", "int8")),
+        ("w1_q", ValueError, lambda: tritonlab.QuantizedFFN(b_q[0], b_s, None, b_q, b_s, None, "relu", "int8")),
+        ("w1_scale", ValueError, lambda: tritonlab.QuantizedFFN(b_q, b_s[:3], None, b_q[:, :7], b_s, None, "relu", "int8")),
+        ("b1", ValueError, lambda: tritonlab.QuantizedFFN(b_q, b_s, rand(3), b_q[:, :7], b_s, None, "relu", "int8")),
+        ("backend", ValueError, lambda: tritonlab.QuantizedFFN(b_q, b_s, None, b_q[:, :7], b_s, None, "relu", "int8", backend="gpu")),
     ]
+
+
+def _with_nan(linear: nn.Linear) -> nn.Linear:
+    bad = nn.Linear(linear.in_features, linear.out_features)
+    with torch.no_grad():
+        bad.weight.copy_(linear.weight)
+        bad.weight[0, 0] = float("nan")
+    return bad
 
 
 @pytest.mark.parametrize("name,exc,call", _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")

@@ -9,7 +9,7 @@ import tritonlab
 from tritonlab.kernels.tree_routing import reference as ref
 from tritonlab.kernels._tuning import registered
 
-from helpers import DTYPES, assert_close, graph_replay, np64, rand, record_launches, tolerance
+from helpers import DTYPES, assert_close, check_grads, graph_replay, np64, rand, record_launches, tolerance
 
 # A token whose logit at some node is within rounding of 0 may take either child in finite
 # precision; inputs are drawn so that every token clears this margin (relative to |x| |w|).
@@ -211,6 +211,54 @@ def test_fff_path_forward_matches_reference(backend, device, dtype, depth, t):
     assert_close(y, expected, tolerance(dtype) + _logit_rounding_bound(x, w_in, w_out, b_in, expected))
 
 
+_ACT64 = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+          "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"), None: lambda z: z}
+
+
+@pytest.mark.parametrize("act,bias,t", [("relu", True, 37), ("gelu_tanh", False, 90), (None, True, 1)])
+def test_fff_forward_backward(backend, device, act, bias, t):
+    """Gradients of x, w1, b1, w2, b2 through the hard tree against float64 autograd through the
+    leaf formula (the route from the reference); the node weights get none (the route has zero
+    derivative). t = 90 runs the grouped path, 1 and 37 the decode sizes."""
+    depth, d, h, o = 3, 14, 6, 9
+    nw, nb = tree(depth, d, torch.float32, device)
+    x = separated_tokens(t, d, nw, nb, torch.float32, device)
+    leaf = torch.from_numpy(ref.tree_route_ref(np64(x), np64(nw), np64(nb))).to(device)
+    w1, w2 = rand(2**depth, d, h, device=device), rand(2**depth, h, o, device=device)
+    b1, b2 = (rand(2**depth, h, device=device), rand(2**depth, o, device=device)) if bias else (None, None)
+    nw_grad = nw.clone().requires_grad_()
+
+    def run(x_, w1_, b1_, w2_, b2_):
+        return tritonlab.fff_forward(x_, nw_grad, nb, w1_, b1_, w2_, b2_, act, backend=backend)
+
+    def formula(x_, w1_, b1_, w2_, b2_):
+        u = torch.einsum("td,tdh->th", x_, w1_[leaf]) + (0 if b1_ is None else b1_[leaf])
+        return torch.einsum("th,tho->to", _ACT64[act](u), w2_[leaf]) + (0 if b2_ is None else b2_[leaf])
+
+    check_grads(run, formula, [x, w1, b1, w2, b2], rand(t, o, device=device))
+    assert nw_grad.grad is None
+
+
+@pytest.mark.parametrize("act,bias,t", [("gelu", True, 41), ("relu", False, 1), ("silu", True, 70)])
+def test_fff_path_forward_backward(backend, device, act, bias, t):
+    """Gradients of x, w_in, w_out, b_in through the path logits against float64 autograd through
+    the path formula (nodes from the reference walk), on both backends."""
+    depth, d, o = 3, 16, 7
+    w_in, b_in = tree(depth, d, torch.float32, device, extra_level=True)
+    b_in = b_in if bias else None
+    w_out = rand(w_in.shape[0], o, device=device)
+    x = separated_tokens(t, d, w_in, b_in if bias else torch.zeros_like(w_in[:, 0]), torch.float32, device)
+    nodes, _, _ = ref.tree_walk_ref(np64(x), np64(w_in), None if b_in is None else np64(b_in), depth + 1)
+    nodes = torch.from_numpy(nodes).to(device)
+
+    def formula(x_, wi_, wo_, bi_):
+        logit = (x_[:, None, :] * wi_[nodes]).sum(-1) + (0 if bi_ is None else bi_[nodes])
+        return (_ACT64[act](logit)[..., None] * wo_[nodes]).sum(1)
+
+    check_grads(lambda x_, wi_, wo_, bi_: tritonlab.fff_path_forward(x_, wi_, wo_, bi_, act, backend=backend),
+                formula, [x, w_in, w_out, b_in], rand(t, o, device=device))
+
+
 def _logit_rounding_bound(x, w_in, w_out, b_in, expected) -> float:
     """Relative output error that float32 rounding of the path logits alone can cause.
 
@@ -270,6 +318,7 @@ def _bad_calls():
         ("w2", ValueError, lambda: f(x, nw, nb, w1, b1, rand(8, 4, 0), None)),
         ("w_in", ValueError, lambda: tritonlab.fff_path_forward(x, rand(0, 8), rand(0, 3))),
         ("w_out", ValueError, lambda: tritonlab.fff_path_forward(x, nw, rand(7, 0))),
+        ("return_leaf_counts", TypeError, lambda: f(x, nw, nb, w1, b1, w2, b2, return_leaf_counts="no")),
     ]
 
 

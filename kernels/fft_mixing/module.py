@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._backend import FLOAT_DTYPES, check_backend, check_tensor
 from .ops import fft_conv, fnet_mix, spectral_filter
 
 MODES = ("fnet", "filter", "adaptive", "conv")
@@ -54,7 +55,7 @@ class FFTTokenMixer(nn.Module):
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
         if mode != "fnet" and (not isinstance(seq_len, int) or seq_len < 1):
             raise ValueError(f"seq_len must be an int >= 1 for mode {mode!r}, got {seq_len!r}")
-        self.dim, self.seq_len, self.mode, self.backend = dim, seq_len, mode, backend
+        self.dim, self.seq_len, self.mode, self.backend = dim, seq_len, mode, check_backend(backend)
         if mode in ("filter", "adaptive"):
             # GFNet's complex_weight layout: [..., 2] real pairs, viewed as complex in forward
             self.filter = nn.Parameter(torch.randn(seq_len // 2 + 1, dim, 2) * filter_std)
@@ -95,7 +96,8 @@ class FFTTokenMixer(nn.Module):
         return h * torch.exp(-t * self.decay.to(dt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != self.dim:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
+        if x.dim() < 2 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [..., S, D] with D = {self.dim}, got {shape}")
         s = x.shape[-2]

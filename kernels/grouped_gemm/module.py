@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._backend import check_backend
 from .ops import LEAF_ACTIVATIONS, leaf_mlp
 
 
@@ -33,7 +34,7 @@ class LeafMLP(nn.Module):
         if activation not in LEAF_ACTIVATIONS:
             raise ValueError(f"activation must be one of {LEAF_ACTIVATIONS}, got {activation!r}")
         self.num_groups, self.input_width, self.hidden_width, self.output_width = num_groups, input_width, hidden_width, output_width
-        self.activation, self.backend = activation, backend
+        self.activation, self.backend = activation, check_backend(backend)
         h1 = 2 * hidden_width if activation == "swiglu" else hidden_width
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(num_groups, input_width, h1, **kw))

@@ -604,7 +604,8 @@ def gather_matmul_scatter(x: Tensor, weight: Tensor, indices: Tensor, bias: Opti
         weight: [G, D, N], one matrix per group (leaf / expert), same dtype as x.
         indices: int [T, k] (or [T] for k = 1; x's leading dims may stand for T) group ids in [0, G).
         bias: optional [G, N].
-        route_weights: optional float [T, k] (the shape of indices; any float dtype), 1 when None.
+        route_weights: optional float32/float16/bfloat16 [T, k] (the shape of indices; need not be x's
+            dtype), 1 when None.
         activation: None | "relu" | "gelu" | "gelu_tanh" | "silu", applied before the route weight.
         backend: "auto" | "triton" | "torch" (see DESIGN.md).
     Returns:
@@ -643,7 +644,8 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
         b1: [G, H] ([G, 2H] for swiglu) or None; w2: [G, H, O]; b2: [G, O] or None. All in x's dtype.
         activation: "relu" | "gelu" | "gelu_tanh" | "silu" | "swiglu" | None. SwiGLU's hidden layer
             is silu(x @ w1[:, :, :H] + b1[:, :H]) * (x @ w1[:, :, H:] + b1[:, H:]).
-        route_weights: optional float [T, k] (the shape of indices; any float dtype), 1 when None.
+        route_weights: optional float32/float16/bfloat16 [T, k] (the shape of indices; need not be x's
+            dtype), 1 when None.
         backend: "auto" | "triton" | "torch".
     Returns:
         [..., O] in x's dtype: y[t] = sum_j rw[t, j] * (act(x[t] @ w1[g] + b1[g]) @ w2[g] + b2[g]),

@@ -6,8 +6,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .._backend import check_activation, flatten_tokens
-from .ops import QuantDType, _qname, quantize, scaled_matmul, scaled_matmul_path
+from .._backend import check_activation, check_backend, check_same_device, check_tensor, flatten_tokens
+from .ops import QDTYPE, QuantDType, _qname, quantize, scaled_matmul, scaled_matmul_path
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
 
@@ -45,12 +45,27 @@ class QuantizedFFN(nn.Module):
         super().__init__()
         self.qdtype = _qname(dtype)
         self.activation = _activation_name(activation)
+        storage = QDTYPE[self.qdtype]
+        for name, w in (("w1_q", w1_q), ("w2_q", w2_q)):
+            check_tensor(name, w, dtypes=(storage,), ndim=2)
         h, d = w1_q.shape
         o, h2 = w2_q.shape
         if h2 != h:
             raise ValueError(f"w2_q must be [O, H={h}], got {tuple(w2_q.shape)}")
+        for name, scale, rows in (("w1_scale", w1_scale, h), ("w2_scale", w2_scale, o)):
+            check_tensor(name, scale, dtypes=(torch.float32,))
+            if tuple(scale.shape) not in ((rows,), (rows, 1)):
+                raise ValueError(f"{name} must hold one float32 scale per output channel ([{rows}, 1]), "
+                                 f"got shape {tuple(scale.shape)}")
+        for name, bias, rows in (("b1", b1, h), ("b2", b2, o)):
+            if bias is not None:
+                check_tensor(name, bias)
+                if tuple(bias.shape) != (rows,):
+                    raise ValueError(f"{name} must be [{rows}], got shape {tuple(bias.shape)}")
+        check_same_device(w1_q=w1_q, w1_scale=w1_scale, b1=b1, w2_q=w2_q, w2_scale=w2_scale, b2=b2)
+        w1_scale, w2_scale = w1_scale.reshape(h, 1), w2_scale.reshape(o, 1)
         self.input_width, self.hidden_width, self.output_width = d, h, o
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.register_buffer("w1_q", w1_q)
         self.register_buffer("w1_scale", w1_scale)
         self.register_buffer("b1", None if b1 is None else b1.detach().float())
@@ -76,6 +91,12 @@ class QuantizedFFN(nn.Module):
         if linear2.in_features != linear1.out_features:
             raise ValueError(f"linear2 must take linear1's {linear1.out_features} outputs, "
                              f"got in_features={linear2.in_features}")
+        for name, lin in (("linear1", linear1), ("linear2", linear2)):
+            for what, p in (("weight", lin.weight), ("bias", lin.bias)):
+                if p is not None:
+                    check_tensor(f"{name}.{what}", p)
+                    if not torch.isfinite(p).all():
+                        raise ValueError(f"{name}.{what} holds NaN or inf: a quantization scale would be NaN")
         qname = _qname(dtype)
         float_bytes = sum(p.numel() * p.element_size() for lin in (linear1, linear2) for p in lin.parameters())
         with torch.no_grad():
@@ -86,6 +107,8 @@ class QuantizedFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] float32/float16/bfloat16 -> [..., O] in x's dtype."""
+        check_tensor("x", x)
+        check_same_device(x=x, w1_q=self.w1_q)
         x2, lead = flatten_tokens("x", x, self.input_width)
         x_q, x_s = quantize(x2, self.qdtype, "row", backend=self.backend)
         h_q, h_s = scaled_matmul(x_q, x_s, self.w1_q, self.w1_scale, self.b1, self.activation, x.dtype,

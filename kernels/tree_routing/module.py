@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._backend import check_activation, torch_activation
+from .._backend import check_activation, check_backend, check_same_device, check_tensor, torch_activation
 from .ops import fff_forward
 
 
@@ -31,6 +31,10 @@ class FastFeedForward(nn.Module):
                  activation: str = "relu", *, master_leaf_width: int = 0, train_hardened: bool = False,
                  dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
+        for name, v in (("depth", depth), ("input_width", input_width), ("leaf_width", leaf_width),
+                        ("output_width", output_width), ("master_leaf_width", master_leaf_width)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
         for name, v in (("input_width", input_width), ("leaf_width", leaf_width), ("output_width", output_width)):
@@ -38,7 +42,7 @@ class FastFeedForward(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {v}")
         check_activation(activation)
         self.input_width, self.leaf_width, self.output_width, self.depth = input_width, leaf_width, output_width, depth
-        self.activation, self.train_hardened, self.backend = activation, train_hardened, backend
+        self.activation, self.train_hardened, self.backend = activation, train_hardened, check_backend(backend)
         self.dropout = nn.Dropout(dropout)
         n_nodes, n_leaves = 2**depth - 1, 2**depth
         s1, s2 = 1.0 / math.sqrt(input_width), 1.0 / math.sqrt(leaf_width)
@@ -80,6 +84,12 @@ class FastFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, return_leaf_counts: bool = False):
         """x [..., input_width] -> [..., output_width] (and int64 [2**depth] leaf counts on request)."""
+        check_tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.input_width:
+            raise ValueError(f"x must be [..., input_width = {self.input_width}], got shape {tuple(x.shape)}")
+        check_same_device(x=x, node_weight=self.node_weight)
+        if not isinstance(return_leaf_counts, bool):
+            raise TypeError(f"return_leaf_counts must be a bool, got {type(return_leaf_counts).__name__}")
         counts = None
         if self.training:
             y = self._soft_forward(x)
@@ -93,8 +103,8 @@ class FastFeedForward(nn.Module):
             y = fff_forward(x, *p, self.activation, return_leaf_counts=return_leaf_counts, backend=self.backend)
             if return_leaf_counts:
                 y, counts = y
-        if self.master is not None:
-            y = y + self.master(x)
+        if self.master is not None:  # in the parameters' dtype, as the soft tree
+            y = y + self.master(x.to(self.w1.dtype)).to(y.dtype)
         return (y, counts) if return_leaf_counts else y
 
     def leaf_mixture(self, x2: torch.Tensor) -> torch.Tensor:
@@ -110,11 +120,12 @@ class FastFeedForward(nn.Module):
         return mix
 
     def _soft_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.input_width)
+        # in the parameters' dtype (a bf16 x with float32 parameters trains in float32), output in x's
+        x2 = x.reshape(-1, self.input_width).to(self.w1.dtype)
         mix = self.leaf_mixture(x2)  # [T, L]
         h = torch.einsum("td,ldh->tlh", x2, self.w1) + self.b1
         h = self.dropout(torch_activation(h, self.activation))
-        y = torch.einsum("tlh,lho->to", h * mix[:, :, None], self.w2) + mix @ self.b2
+        y = (torch.einsum("tlh,lho->to", h * mix[:, :, None], self.w2) + mix @ self.b2).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.output_width)
 
 

@@ -20,7 +20,8 @@ from .._backend import (check_activation, check_optional, check_width, check_sam
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from ..grouped_gemm.grouping import CountedGrouping, sorts_in_one_launch
-from ..grouped_gemm.ops import leaf_mlp_triton
+from ..grouped_gemm.fallback import activation_and_grad
+from ..grouped_gemm.ops import leaf_mlp, leaf_mlp_triton
 from . import fallback, reference
 from .triton_kernels import fff_fused_kernel, path_accumulate_kernel, tree_walk_kernel
 
@@ -267,6 +268,39 @@ def _(x, w_in, w_out, b_in, activation, backend):
     return x.new_empty(x.shape[0], w_out.shape[1])
 
 
+def _path_setup_context(ctx, inputs, output):
+    x, w_in, w_out, b_in, activation, backend = inputs
+    ctx.save_for_backward(x, w_in, w_out, b_in)
+    ctx.activation = activation
+
+
+def _path_backward(ctx, grad):
+    """Gradients of y = sum_l act(logit_l) w_out[node_l] through the logits (the path itself, a
+    piecewise-constant choice, has zero derivative): the walk is recomputed (cheap) and every sum
+    runs per level, vectorized over tokens, in float32 on any backend."""
+    x, w_in, w_out, b_in = ctx.saved_tensors
+    levels = (w_in.shape[0] + 1).bit_length() - 1
+    _, nodes, logits = fallback.tree_walk_torch(x, w_in, b_in, levels, record_path=True)
+    coeff, slope = activation_and_grad(logits, ctx.activation)
+    dy, xf, wi, wo = grad.float(), x.float(), w_in.float(), w_out.float()
+    dx, dw_in, dw_out = torch.zeros_like(xf), torch.zeros_like(wi), torch.zeros_like(wo)
+    db_in = torch.zeros(w_in.shape[0], dtype=torch.float32, device=x.device)
+    for lvl in range(levels):
+        node = nodes[:, lvl]
+        dlogit = (dy * wo.index_select(0, node)).sum(1)  # d loss / d act(logit)
+        if slope is not None:
+            dlogit = dlogit * slope[:, lvl]
+        dx += dlogit[:, None] * wi.index_select(0, node)
+        dw_in.index_add_(0, node, dlogit[:, None] * xf)
+        db_in.index_add_(0, node, dlogit)
+        dw_out.index_add_(0, node, coeff[:, lvl, None] * dy)
+    return (dx.to(x.dtype), dw_in.to(w_in.dtype), dw_out.to(w_out.dtype),
+            None if b_in is None else db_in.to(b_in.dtype), None, None)
+
+
+_fff_path_forward_op.register_autograd(_path_backward, setup_context=_path_setup_context)
+
+
 # ----------------------------------------------------------------------------- public API
 
 def tree_route(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[torch.Tensor] = None,
@@ -309,9 +343,13 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
         (float32 accumulation); with return_leaf_counts, (y, counts).
 
     Small batches (T <= 64) run one fused route-plus-leaf kernel; larger ones route, then run the
-    leaves as a grouped computation.
+    leaves as a grouped computation. Differentiable in x, w1, b1, w2 and b2 (through the leaves, as
+    leaf_mlp); the hard route has zero derivative, so node_weight and node_bias get no gradient
+    (FastFeedForward trains the tree through its soft form).
     """
     depth = _check_tree_inputs(x, node_weight, node_bias)
+    if not isinstance(return_leaf_counts, bool):
+        raise TypeError(f"return_leaf_counts must be a bool, got {type(return_leaf_counts).__name__}")
     n_leaves = 2**depth
     check_tensor("w1", w1, ndim=3)
     check_tensor("w2", w2, ndim=3)
@@ -334,6 +372,11 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
     if x2.shape[0] == 0:
         y = x.new_zeros(*lead, o)
         leaf = torch.zeros(0, dtype=torch.int64, device=x.device)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
+        # training through the hard tree: the route (piecewise constant: no gradient reaches the node
+        # weights) and then the leaves through leaf_mlp, whose backward gives x, w1, b1, w2 and b2 theirs
+        leaf = tree_route(x2, node_weight, node_bias, backend=backend)
+        y = leaf_mlp(x2, leaf.long(), w1, b1, w2, b2, activation, backend=backend).reshape(*lead, o)
     else:
         c = [None if t is None else t.contiguous() for t in (node_weight, node_bias, w1, b1, w2, b2)]
         y, leaf = dispatch(_fff_forward_op, _fff_forward_impl, x2, *c, activation or "none", backend)
@@ -354,7 +397,8 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
     Returns:
         [..., O] in x's dtype: sum over the depth+1 nodes n on the token's root-to-leaf path of
         act(logit_n) * w_out[n], where logit_n = x . w_in[n] + b_in[n] also decides the next child
-        (>= 0 goes right).
+        (>= 0 goes right). Differentiable in x, w_in, w_out and b_in through the logits (the choice
+        of path has zero derivative), on every backend.
     """
     _check_tree_inputs(x, w_in, b_in, "w_in", "b_in", extra_level=True)
     check_tensor("w_out", w_out, ndim=2)
@@ -369,7 +413,7 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, o)
     y = dispatch(_fff_path_forward_op, _fff_path_forward_impl, x2, w_in.contiguous(), w_out.contiguous(),
-                 None if b_in is None else b_in.contiguous(), activation or "none", backend)
+                 None if b_in is None else b_in.contiguous(), activation or "none", backend, needs_autograd=True)
     return y.reshape(*lead, o)
 
 
