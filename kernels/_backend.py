@@ -199,11 +199,16 @@ def check_width(name: str, n: int, what: str) -> None:
         raise ValueError(f"{name} must have {what} >= 1, got {n}")
 
 
-def flatten_tokens(name: str, x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """[..., D] -> ([T, D] contiguous, leading shape). Checks the last dim against `width` if given."""
+def check_features(name: str, x: torch.Tensor) -> None:
+    """ValueError naming `name` unless x is [..., D] with D >= 1 (not 0-d, no empty feature dim)."""
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dim [..., D], got a 0-d tensor")
     check_width(name, x.shape[-1], "a last dim (features) D")
+
+
+def flatten_tokens(name: str, x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """[..., D] -> ([T, D] contiguous, leading shape). Checks the last dim against `width` if given."""
+    check_features(name, x)
     if width is not None and x.shape[-1] != width:
         raise ValueError(f"{name} has last dim {x.shape[-1]}, expected {width}")
     lead = tuple(x.shape[:-1])

@@ -174,7 +174,8 @@ class CountedGrouping:
     def _sort_in_one_launch(self, block_m: int) -> None:
         """counts, offsets, sorted_slot and the tile map for block_m, from group_sort_kernel."""
         g, m, n = self.num_groups, self.num_slots, self.max_tiles(block_m)
-        self.counts, self.offsets, self.sorted_slot, tile_group, tile_row = _int32_parts(self.ids.device, g, g + 1, m, n, n)
+        parts = _int32_parts(self.ids.device, g, g + 1, m, n, n)
+        self.counts, self.offsets, self.sorted_slot, tile_group, tile_row = parts
         group_sort_kernel[(1,)](self.ids, self.counts, self.offsets, self.sorted_slot, tile_group, tile_row, m, g, n,
                                 BLOCK_S=max(16, next_pow2(m)), BLOCK_G=max(16, next_pow2(g)), BLOCK_M=block_m)
         self._tiles[block_m] = (tile_group, tile_row)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (INDEX_DTYPES, check_activation, check_optional, check_width, check_same_device, check_same_dtype,
-                        check_tensor, cdiv, dispatch, fit_pipelined_tiles, flatten_tokens, new_output,
-                        next_pow2, resolve_backend)
+from .._backend import (INDEX_DTYPES, cdiv, check_activation, check_features, check_optional, check_same_device,
+                        check_same_dtype, check_tensor, check_width, dispatch, fit_pipelined_tiles,
+                        flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -48,8 +48,7 @@ def _check_x_and_group_weight(x: Tensor, name: str, w: Tensor) -> tuple[int, int
     """x [..., D] and a per-group weight [G >= 1, D, N]; returns (G, D, N)."""
     check_tensor("x", x)
     check_tensor(name, w, ndim=3)
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dim [..., D], got a 0-d tensor")
+    check_features("x", x)
     g, d, n = w.shape
     if g == 0:
         raise ValueError(f"{name} must have at least one group ({name}.shape[0] >= 1)")

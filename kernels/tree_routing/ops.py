@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (check_activation, check_optional, check_width, check_same_device, check_same_dtype,
-                        check_tensor, cdiv, dispatch, flatten_tokens, new_output, next_pow2,
-                        resolve_backend, shared_memory_per_block)
+from .._backend import (cdiv, check_activation, check_features, check_optional, check_same_device,
+                        check_same_dtype, check_tensor, check_width, dispatch, flatten_tokens, new_output,
+                        next_pow2, resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from ..grouped_gemm.grouping import CountedGrouping, sorts_in_one_launch
@@ -44,9 +44,7 @@ def _tree_depth(name: str, w: torch.Tensor, extra_level: bool = False) -> int:
 
 def _check_tree_inputs(x, node_weight, node_bias, w_name="node_weight", b_name="node_bias", extra_level=False):
     check_tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dim [..., D], got a 0-d tensor")
-    check_width("x", x.shape[-1], "a last dim (features) D")
+    check_features("x", x)
     check_tensor(w_name, node_weight, ndim=2)
     if extra_level and node_weight.shape[0] == 0:
         raise ValueError(f"{w_name} must have 2**(depth+1) - 1 >= 1 rows (the root at least), got 0")
