@@ -153,8 +153,9 @@ class CountedGrouping:
         if one_launch is None:
             one_launch = state is None and sorts_in_one_launch(m, num_groups)
         if one_launch:
-            if state is not None or num_groups > ONE_LAUNCH_MAX_GROUPS:
-                raise ValueError(f"the one-launch grouping takes no counts and at most {ONE_LAUNCH_MAX_GROUPS} groups")
+            if state is not None or not sorts_in_one_launch(m, num_groups):
+                raise ValueError(f"the one-launch grouping takes no counts, at most {ONE_LAUNCH_MAX_SLOTS} slots "
+                                 f"and {ONE_LAUNCH_MAX_GROUPS} groups")
             self._sort_in_one_launch(block_m or 64)
             return
         small = next_pow2(num_groups) if num_groups <= SMALL_GROUPS else 0

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._backend import check_activation, check_backend, check_same_device, check_tensor, torch_activation
+from .._backend import (check_activation, check_backend, check_features, check_same_device, check_tensor,
+                        torch_activation)
 from .ops import fff_forward
 
 
@@ -85,7 +86,8 @@ class FastFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, return_leaf_counts: bool = False):
         """x [..., input_width] -> [..., output_width] (and int64 [2**depth] leaf counts on request)."""
         check_tensor("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.input_width:
+        check_features("x", x)
+        if x.shape[-1] != self.input_width:
             raise ValueError(f"x must be [..., input_width = {self.input_width}], got shape {tuple(x.shape)}")
         check_same_device(x=x, node_weight=self.node_weight)
         if not isinstance(return_leaf_counts, bool):
