@@ -20,7 +20,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .._accuracy import TF32_TOLERANCE, rel_error, tolerance
 from .._backend import FLOAT_DTYPES, cdiv, check_same_device, dispatch, new_output, resolve_backend
@@ -29,7 +28,7 @@ from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, plans, reference
 from .plans import Plan
 from .triton_kernels import (PREC_IEEE, PREC_TF32, PREC_TF32X3, dft_axis_kernel, dft_gemm_kernel,
-                             fused_conv_kernel, split_rows_kernel, strided_copy_kernel)
+                             fused_conv_kernel, spectrum_layout_kernel, split_rows_kernel, strided_copy_kernel)
 
 #: x dtypes: the kernels' float32/float16/bfloat16, plus float64 on the torch backend (gradchecks)
 REAL_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -54,6 +53,8 @@ MAX_GRID_X = 2**31 - 1
 #: for P1 = 64, BLOCK_C = 1 ([64, 16] tiles) with 8 warps (fine with 2 or 4, and at BLOCK_C >= 2), and
 #: 256 threads have under 8 elements each there anyway
 SMALL_TILE = 2048
+#: elements (bins x channels) per program of spectrum_layout_kernel
+SPECTRUM_BLOCK = 2048
 #: the [COPY_TILE, COPY_TILE] tiles of _copy_3d's transposing copy (8 KB of bf16 per tile)
 COPY_TILE = 64
 #: the kernels index within one tensor dim (a column, a channel, a position) in int32, a block past
@@ -244,6 +245,12 @@ def _grid(*dims: int) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def _rows(t: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+    """Batch rows b0..b1 of t for one launch of a chunked batch: t itself when that is all of it
+    (the common case, one launch: no slice op on the host path)."""
+    return t if b0 == 0 and b1 == t.shape[0] else t[b0:b1]
+
+
 def _check_extents(**extents: int) -> None:
     """ValueError naming the dim when one is too long for the kernels' int32 in-dim indices."""
     for name, n in extents.items():
@@ -259,26 +266,36 @@ def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = No
     From a half-spectrum filter [Bf, S//2+1, D]: exactly the Hermitian spectrum irfft implies (DC and
     Nyquist imaginary parts dropped) when M = S; for the periodic extension, the M-point spectrum
     of the circular kernel irfft(filt). From a kernel k [L, D]: its zero-padded M-point spectrum.
+    Either way a half spectrum [Bh, M//2+1, D] goes through spectrum_layout_kernel, which extends,
+    scales and lays it out in one launch.
     """
     m = plan.M
     if filt is not None:
-        f = fallback.hermitian_filter(filt, s, torch.float32)
         if plan.mode == plans.CIRC:
-            half = s // 2 + 1
-            spec = torch.cat([f, f[:, 1: s - half + 1].flip(1).conj()], dim=1) if s > half else f
+            half = filt.to(torch.complex64)
         else:
-            spec = torch.fft.fft(torch.fft.irfft(f, n=s, dim=1), n=m, dim=1)
+            circ = torch.fft.irfft(fallback.hermitian_filter(filt, s, torch.float32), n=s, dim=1)
+            half = torch.fft.rfft(circ, n=m, dim=1)
     else:
-        spec = torch.fft.fft(k.to(torch.float32), n=m, dim=0)[None]
-    spec = spec / m
-    bf = spec.shape[0]
-    grid = spec.reshape(bf, plan.N2, plan.N1, d)  # bin k = k1 + N1 * k2
-    if plan.split:  # [Bf, N1, N2, D]
-        lay = grid.permute(0, 2, 1, 3)
-        return lay.real.contiguous(), lay.imag.contiguous()
-    lay = grid.permute(0, 2, 3, 1)  # [Bf, N1, D, N2] padded to [Bf, P1, D, P2]
-    pad = (0, plan.P2 - plan.N2, 0, 0, 0, plan.P1 - plan.N1)
-    return F.pad(lay.real, pad).contiguous(), F.pad(lay.imag, pad).contiguous()
+        half = torch.fft.rfft(k.to(torch.float32), n=m, dim=0)[None]
+    h = torch.view_as_real(half.contiguous())
+    bh = h.shape[0]
+    if plan.split:  # [Bh, N1, N2, D]
+        rows, k2_stored = plan.N1, plan.N2
+        kr = torch.empty((bh, plan.N1, plan.N2, d), dtype=torch.float32, device=h.device)
+        strides = (plan.N2 * d, d, 1)
+    else:  # [Bh, P1, D, P2], zero past N1 and N2
+        rows, k2_stored = plan.P1, plan.P2
+        kr = torch.empty((bh, plan.P1, d, plan.P2), dtype=torch.float32, device=h.device)
+        strides = (d * plan.P2, 1, plan.P2)
+    ki = torch.empty_like(kr)
+    block_d = SPECTRUM_BLOCK // plan.P2
+    for b0 in range(0, bh, MAX_GRID_BATCH):
+        b1 = min(bh, b0 + MAX_GRID_BATCH)
+        spectrum_layout_kernel[_grid(cdiv(d, block_d), rows, b1 - b0)](
+            _rows(h, b0, b1), _rows(kr, b0, b1), _rows(ki, b0, b1), m, plan.N1, plan.N2, k2_stored, d, h.stride(0), kr.stride(0),
+            *strides, 1.0 / m, P2=plan.P2, BLOCK_D=block_d, num_warps=4)
+    return kr, ki
 
 
 def _dummy_table(device) -> torch.Tensor:
@@ -308,8 +325,8 @@ def _launch_fused_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         raise ValueError(f"ROW_SLICE={row_slice} must be a power of two >= 16 dividing the row tile P2={plan.P2}")
     for b0 in range(0, b, step):
         b1 = min(b, b0 + step)
-        kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
-        xs, ys = xk[b0:b1], yk[b0:b1]
+        kb = (kr, ki) if skb == 0 else (_rows(kr, b0, b1), _rows(ki, b0, b1))
+        xs, ys = _rows(xk, b0, b1), _rows(yk, b0, b1)
         fused_conv_kernel[_grid(cdiv(d, cfg["BLOCK_D"]), cdiv(b1 - b0, rows))](
             xs, ys, kb[0], kb[1], f1, f2, tw, b1 - b0, s, d, *xs.stride(), *ys.stride(),
             skb, N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, MODE=plan.mode, BLOCK_D=cfg["BLOCK_D"],
@@ -327,7 +344,7 @@ def _copy_3d(src: torch.Tensor, dst: torch.Tensor) -> None:
     b, r, c = src.shape
     for b0 in range(0, b, MAX_GRID_BATCH):
         b1 = min(b, b0 + MAX_GRID_BATCH)
-        sv, dv = src[b0:b1], dst[b0:b1]
+        sv, dv = _rows(src, b0, b1), _rows(dst, b0, b1)
         strided_copy_kernel[_grid(cdiv(c, COPY_TILE), cdiv(r, COPY_TILE), b1 - b0)](
             sv, dv, r, c, *sv.stride(), *dv.stride(), BLOCK_R=COPY_TILE, BLOCK_C=COPY_TILE, num_warps=4)
 
@@ -362,8 +379,8 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     for b0 in range(0, b, chunk):
         b1 = min(b, b0 + chunk)
         nb = b1 - b0
-        xs, ys = x[b0:b1], y[b0:b1]
-        kb = (kr, ki) if skb == 0 else (kr[b0:b1], ki[b0:b1])
+        xs, ys = _rows(x, b0, b1), _rows(y, b0, b1)
+        kb = (kr, ki) if skb == 0 else (_rows(kr, b0, b1), _rows(ki, b0, b1))
         dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(n1, bk), nb)](
             xs, xs, ar, ai, tab1, circm, n1, cols, s, n2, d, m,
             xs.stride(0), 0, 1, ar.stride(0), ar.stride(1), 1,

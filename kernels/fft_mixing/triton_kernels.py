@@ -13,6 +13,7 @@ factorization, the padded tiles and the convolution modes). Launchers are in ops
   convolution modes' addressing) and the dense DFT of awkward fnet lengths.
 - `split_rows_kernel`: the split path's row pass: row DFT, multiply by the kernel spectrum, inverse
   row DFT and conjugate twiddles (or, for fnet, the forward row DFT only).
+- `spectrum_layout_kernel`: the filter or kernel spectrum in the layout the two paths above read.
 
 Every pointer offset goes through `_offsets`, which widens to int64 before multiplying: program
 ids, aranges and int arguments below 2**31 are int32 on a GPU, and int32 products wrap silently
@@ -231,6 +232,39 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
             out = (_mm(_rows_to_t(cr, P1, P2, BLOCK_D), _load_block(f1_ptr, P1, RIO, P1), PRECISION)
                    + _mm(_rows_to_t(ci, P1, P2, BLOCK_D), _load_block(f1_ptr + P1 * P1, P1, RIO, P1), PRECISION))
         tl.store(y_ptr + b64 * stride_yb + y_off, out.to(y_ptr.dtype.element_ty), mask=smask & live)
+
+
+@jit
+def spectrum_layout_kernel(h_ptr, kr_ptr, ki_ptr, M, N1, N2, K2_STORED, D, stride_hb, stride_ob, stride_k1, stride_k2,
+                           stride_d, inv_m, P2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The convolution kernels' spectrum from a half spectrum, in one pass: out[k1, k2, d] (strides
+    stride_k1/k2/d; the fused kernels' padded [P1, D, P2] or the split path's [N1, N2, D]) holds bin
+    k = k1 + N1 * k2 of the M-point Hermitian spectrum H / M, zero at padded k1 >= N1 or k2 >= N2.
+    Columns k2 < K2_STORED are written (P2 for the padded layout, N2 for the split one, where a
+    padded column would land in the next row).
+
+    h: float32 pairs of the complex half spectrum [Bh, M // 2 + 1, D] (bins 0..M/2). Bins past M/2
+    are conj(H[M - k]); the imaginary parts at DC and Nyquist are dropped (numpy's irfft ignores
+    them). One program per (channel block, k1, spectrum batch row); replaces a dozen torch ops
+    (extension, scale, permute, pad, real/imag splits) per call.
+    """
+    pid_d = tl.program_id(0)
+    k1 = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    k2 = tl.arange(0, P2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = k1 + N1 * k2  # < N1 * P2, a few million at most: int32 is safe
+    valid = ((k2 < N2) & (k2 * 0 + k1 < N1))[:, None] & (d < D)[None, :]  # the interpreter rejects scalar & tile
+    lower = 2 * k <= M
+    src = tl.where(lower, k, M - k)
+    h_off = pid_b * stride_hb + _offsets(src[:, None], 2 * D, d[None, :], 2)
+    re = tl.load(h_ptr + h_off, mask=valid, other=0.0)
+    im = tl.load(h_ptr + h_off + 1, mask=valid, other=0.0)
+    im = tl.where(((k == 0) | (2 * k == M))[:, None], 0.0, tl.where(lower[:, None], im, -im))
+    o_off = pid_b * stride_ob + k1.to(tl.int64) * stride_k1 + _offsets(k2[:, None], stride_k2, d[None, :], stride_d)
+    smask = (k2 < K2_STORED)[:, None] & (d < D)[None, :]
+    tl.store(kr_ptr + o_off, re * inv_m, mask=smask)
+    tl.store(ki_ptr + o_off, im * inv_m, mask=smask)
 
 
 @jit
