@@ -243,6 +243,28 @@ def test_split_paths(device, small_plans, monkeypatch, s, circ, causal, table_ma
     _check_all_ops(s, 5, device)
 
 
+def test_split_convolution_keeps_half_the_column_spectrum(device, small_plans, monkeypatch):
+    """Real x and a Hermitian spectrum: the split path's row pass runs over column-spectrum rows
+    k1 <= N1 / 2 only (N1 = 3 -> 2 rows, N1 = 8 -> 5), the last GEMM counting the others through
+    their conjugates, and the result is still the reference's (odd and even N1)."""
+    small_plans(16, 16)
+    rows = []
+    real = ops.split_rows_kernel
+
+    class _Rows:
+        def __getitem__(self, grid):
+            rows.append(grid[1])
+            return real[grid]
+
+    monkeypatch.setattr(ops, "split_rows_kernel", _Rows())
+    x, k = rand(2, 48, 5, device=device), rand(30, 5, device=device)
+    filt = cfilt(2, 25, 5, device=device)
+    tol = tolerance(torch.float32)
+    assert_close(tritonlab.spectral_filter(x, filt, backend="triton"), ref.spectral_filter_ref(np64(x), np64(filt)), tol)
+    assert_close(tritonlab.fft_conv(x, k, causal=True, backend="triton"), ref.fft_conv_ref(np64(x), np64(k), True), tol)
+    assert rows == [2, 5]
+
+
 @pytest.mark.parametrize("chunk", [16, 32])
 def test_split_row_pass_in_table_slices(device, small_plans, monkeypatch, chunk):
     """split_rows_kernel reads the DFT table a slice at a time: here P2 = 32 rows (M = 500 = 20 x 25),

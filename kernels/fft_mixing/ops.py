@@ -36,7 +36,8 @@ COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 #: "auto" runs the split (three-pass, out-of-register) Triton path for long sequences; set False to
 #: send those lengths to the torch.fft fallback instead (a GPU measurement decides)
 AUTO_USES_SPLIT = True
-#: scratch of the split path (fp32 complex, the whole spectrum) is allocated per batch chunk of at most this
+#: scratch of the split path (fp32 complex: the column spectrum, its first half for a convolution) is
+#: allocated per batch chunk of at most this
 SPLIT_SCRATCH_BYTES = 1 << 30
 #: rows of A per step of the split row pass (split_rows_kernel): a [P2, 16] slice of the DFT table at a
 #: time instead of the whole [P2, P2] table. On sm_90 (Triton 3.6, `tritonlab compile-check`, default
@@ -280,9 +281,9 @@ def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = No
         half = torch.fft.rfft(k.to(torch.float32), n=m, dim=0)[None]
     h = torch.view_as_real(half.contiguous())
     bh = h.shape[0]
-    if plan.split:  # [Bh, N1, N2, D]
-        rows, k2_stored = plan.N1, plan.N2
-        kr = torch.empty((bh, plan.N1, plan.N2, d), dtype=torch.float32, device=h.device)
+    if plan.split:  # [Bh, N1 // 2 + 1, N2, D]: the split path keeps the column spectrum's first half
+        rows, k2_stored = plan.split_rows, plan.N2
+        kr = torch.empty((bh, rows, plan.N2, d), dtype=torch.float32, device=h.device)
         strides = (plan.N2 * d, d, 1)
     else:  # [Bh, P1, D, P2], zero past N1 and N2
         rows, k2_stored = plan.P1, plan.P2
@@ -294,7 +295,7 @@ def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = No
         b1 = min(bh, b0 + MAX_GRID_BATCH)
         spectrum_layout_kernel[_grid(cdiv(d, block_d), rows, b1 - b0)](
             _rows(h, b0, b1), _rows(kr, b0, b1), _rows(ki, b0, b1), m, plan.N1, plan.N2, k2_stored, d, h.stride(0), kr.stride(0),
-            *strides, 1.0 / m, P2=plan.P2, BLOCK_D=block_d, num_warps=4)
+            *strides, 1.0 / m, P2=plan.P2, BLOCK_D=block_d, HALF_ROWS=plan.split, num_warps=4)
     return kr, ki
 
 
@@ -360,7 +361,14 @@ def _split_batch(b: int, per_row_bytes: int) -> int:
 
 def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     """Three passes through an fp32 complex scratch: column DFTs (+ twiddles), the fused row pass
-    (row DFT, multiply, inverse row DFT, conjugate twiddles), inverse column DFTs (real part)."""
+    (row DFT, multiply, inverse row DFT, conjugate twiddles), inverse column DFTs (real part).
+
+    x and y are real and the kernel spectrum Hermitian, so the column spectrum's rows k1 and N1 - k1
+    are conjugates at every stage (the forward column DFT is of real data, the inverse one gives
+    real data): the passes keep rows k1 <= N1 / 2 only (plan.split_rows), and the real part of
+    the last one over those rows is the whole inverse once rows 0 < k1 < N1 / 2 count twice (the
+    spectrum carries the factor: spectrum_layout_kernel's HALF_ROWS). That halves the scratch and
+    the row pass, and cuts the column GEMMs' rows (by a quarter at 32-row tiles: N1 / 2 + 1 rows)."""
     b, s, d = x.shape
     n1, n2, m = plan.N1, plan.N2, plan.M
     dev = plans.device_key(x.device)
@@ -368,10 +376,11 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
     f2 = plans.dft_matrix(n2, plan.P2, dev)
     prec = _precision(x.dtype)
     cols = n2 * d
+    half = plan.split_rows
     _check_extents(split_columns=cols)
-    chunk = _split_batch(b, 8 * n1 * cols)
-    ar = new_output((chunk, n1, cols), torch.float32, x.device)
-    ai = new_output((chunk, n1, cols), torch.float32, x.device)
+    chunk = _split_batch(b, 8 * half * cols)
+    ar = new_output((chunk, half, cols), torch.float32, x.device)
+    ai = new_output((chunk, half, cols), torch.float32, x.device)
     skb = 0 if kr.shape[0] == 1 else kr.stride(0)
     bk, bc, bn, nw = cfg["BLOCK_K"], cfg["BLOCK_C"], cfg["BLOCK_N"], cfg["num_warps"]
     # causal: output rows n1 >= cdiv(S, N2) hold no position < S, so no program computes them
@@ -381,17 +390,17 @@ def _launch_split_conv(x, y, kr, ki, plan: Plan, cfg: dict) -> None:
         nb = b1 - b0
         xs, ys = _rows(x, b0, b1), _rows(y, b0, b1)
         kb = (kr, ki) if skb == 0 else (_rows(kr, b0, b1), _rows(ki, b0, b1))
-        dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(n1, bk), nb)](
-            xs, xs, ar, ai, tab1, circm, n1, cols, s, n2, d, m,
+        dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(half, bk), nb)](
+            xs, xs, ar, ai, tab1, circm, n1, cols, s, n2, d, m, half, n1,
             xs.stride(0), 0, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=False, COMPLEX_OUT=True, IN_MODE=plan.mode, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
-        split_rows_kernel[_grid(cdiv(d, cfg["ROW_BLOCK_D"]), n1, nb)](
+        split_rows_kernel[_grid(cdiv(d, cfg["ROW_BLOCK_D"]), half, nb)](
             ar, ai, kb[0], kb[1], f2, circm, ar, ai, n1, n2, d, m, ar.stride(0), skb, 0, 0, 0,
             P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=True, COMPLEX_OUT=False, NEED_IMAG=True, BLOCK_D=cfg["ROW_BLOCK_D"],
             PRECISION=prec, num_warps=nw)
         dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(out_rows, bk), nb)](
-            ar, ai, ys, ys, tab1, tab1, n1, cols, s, n2, d, m,
+            ar, ai, ys, ys, tab1, tab1, n1, cols, s, n2, d, m, out_rows, half,
             ar.stride(0), ar.stride(1), 1, ys.stride(0), 0, 1,
             SIGN=1, COMPLEX_IN=True, COMPLEX_OUT=False, IN_MODE=-1, OUT_MODE=plan.mode, TWIDDLE=False, NEED_IMAG=False,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
@@ -452,7 +461,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
             dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(length, bk), nb)](
                 xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
-                tab, tab, length, cols, 1, 1, 1, 1, *x_strides, *y_strides,
+                tab, tab, length, cols, 1, 1, 1, 1, length, length, *x_strides, *y_strides,
                 SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=False,
                 NEED_IMAG=complex_out, BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense,
                 num_warps=nw)
@@ -472,7 +481,7 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         nb = min(batch, b0 + chunk) - b0
         xo, yo = b0 * x_strides[0], b0 * y_strides[0]
         dft_gemm_kernel[_grid(cdiv(width, bc), cdiv(n1, bk), nb)](
-            xr[xo:], xi[xo:], ar, ai, tab1, circm, n1, width, 1, n2, cols, m,
+            xr[xo:], xi[xo:], ar, ai, tab1, circm, n1, width, 1, n2, cols, m, n1, n1,
             x_strides[0], width, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=True, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)

@@ -16,7 +16,8 @@ Convolutions (spectral_filter, fft_conv) pick one of three modes:
 The cheapest plan by a FLOP model wins (see `conv_plan`). A plan is either fused (the whole
 transform-multiply-inverse in registers, padded factors <= MAX_FACTOR) or, for longer transforms,
 split: column DFTs as a GEMM with the twiddles in its epilogue, a row pass (row DFT, multiply,
-inverse row DFT, conjugate twiddles), inverse column DFTs, through an fp32 complex scratch.
+inverse row DFT, conjugate twiddles), inverse column DFTs, through an fp32 complex scratch that
+holds the column spectrum's rows k1 <= N1 / 2 only (the others are their conjugates).
 Every table is exact to float32: angles come from the integer phase (k * n) mod N in float64.
 """
 from __future__ import annotations
@@ -82,6 +83,12 @@ class Plan:
     @property
     def max_block(self) -> int:
         return max(self.min_block, MAX_TILE // (self.P1 * self.P2))
+
+    @property
+    def split_rows(self) -> int:
+        """Rows k1 of the column spectrum a convolution's split path keeps: those up to N1 / 2 (the
+        others are their conjugates; ops._launch_split_conv)."""
+        return self.N1 // 2 + 1
 
     @property
     def half_io(self) -> bool:

@@ -236,12 +236,15 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
 
 @jit
 def spectrum_layout_kernel(h_ptr, kr_ptr, ki_ptr, M, N1, N2, K2_STORED, D, stride_hb, stride_ob, stride_k1, stride_k2,
-                           stride_d, inv_m, P2: tl.constexpr, BLOCK_D: tl.constexpr):
+                           stride_d, inv_m, P2: tl.constexpr, BLOCK_D: tl.constexpr, HALF_ROWS: tl.constexpr = 0):
     """The convolution kernels' spectrum from a half spectrum, in one pass: out[k1, k2, d] (strides
     stride_k1/k2/d; the fused kernels' padded [P1, D, P2] or the split path's [N1, N2, D]) holds bin
     k = k1 + N1 * k2 of the M-point Hermitian spectrum H / M, zero at padded k1 >= N1 or k2 >= N2.
     Columns k2 < K2_STORED are written (P2 for the padded layout, N2 for the split one, where a
     padded column would land in the next row).
+    HALF_ROWS (the split path, which keeps rows k1 <= N1 / 2 of its column spectrum): rows
+    0 < k1 < N1 / 2 are doubled, standing for their conjugate rows N1 - k1 too, so that the real
+    part of the last column DFT over the kept rows is the whole inverse (ops._launch_split_conv).
 
     h: float32 pairs of the complex half spectrum [Bh, M // 2 + 1, D] (bins 0..M/2). Bins past M/2
     are conj(H[M - k]); the imaginary parts at DC and Nyquist are dropped (numpy's irfft ignores
@@ -263,8 +266,11 @@ def spectrum_layout_kernel(h_ptr, kr_ptr, ki_ptr, M, N1, N2, K2_STORED, D, strid
     im = tl.where(((k == 0) | (2 * k == M))[:, None], 0.0, tl.where(lower[:, None], im, -im))
     o_off = pid_b * stride_ob + k1.to(tl.int64) * stride_k1 + _offsets(k2[:, None], stride_k2, d[None, :], stride_d)
     smask = (k2 < K2_STORED)[:, None] & (d < D)[None, :]
-    tl.store(kr_ptr + o_off, re * inv_m, mask=smask)
-    tl.store(ki_ptr + o_off, im * inv_m, mask=smask)
+    scale = inv_m
+    if HALF_ROWS:
+        scale = inv_m * (2.0 - ((k1 == 0) | (2 * k1 == N1)).to(tl.float32))
+    tl.store(kr_ptr + o_off, re * scale, mask=smask)
+    tl.store(ki_ptr + o_off, im * scale, mask=smask)
 
 
 @jit
@@ -370,7 +376,7 @@ def _conv_address(r, j, S, N2, D, MODE: tl.constexpr, STORE: tl.constexpr):
 
 @jit
 def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
-                    L, C, S, N2, D, M,
+                    L, C, S, N2, D, M, ROWS_OUT, ROWS_IN,
                     stride_xb, stride_xn, stride_xc, stride_yb, stride_yn, stride_yc,
                     SIGN: tl.constexpr, COMPLEX_IN: tl.constexpr, COMPLEX_OUT: tl.constexpr,
                     IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, TWIDDLE: tl.constexpr,
@@ -386,13 +392,15 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
     plans.DENSE_TABLE_MAX), read in contiguous tiles; else circ holds cos and sin of 2 pi j / L, j < L,
     gathered at the phase (k n) mod L: an int64 remainder per matrix element and step, which the
     sm_90 build spends a long instruction sequence on (the same float32 values either way).
+    Rows: only output rows k < ROWS_OUT are computed and stored, and the sum runs over input rows
+    n < ROWS_IN (both L for a whole DFT; the split convolution's half column spectrum has fewer).
     """
     pid_c = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    kmask = kk < L
+    kmask = kk < ROWS_OUT
     cmask = cc < C
     kk64 = kk.to(tl.int64)
     acc_r = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
@@ -400,14 +408,14 @@ def dft_gemm_kernel(xr_ptr, xi_ptr, yr_ptr, yi_ptr, circ_ptr, twc_ptr,
     x_base = pid_b * stride_xb
     # input rows n1 of the convolution addressing hold positions n1 * N2 + n2: past the data (S
     # causal, 2S periodic) they are all zero, and the sum stops there (half the work when causal)
-    n_end = L
+    n_end = ROWS_IN
     if IN_MODE == 1:
-        n_end = tl.minimum(L, (S + N2 - 1) // N2)
+        n_end = tl.minimum(ROWS_IN, (S + N2 - 1) // N2)
     elif IN_MODE == 2:
-        n_end = tl.minimum(L, (2 * S + N2 - 1) // N2)
+        n_end = tl.minimum(ROWS_IN, (2 * S + N2 - 1) // N2)
     for n0 in range(0, n_end, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
-        nmask = nn < L
+        nmask = nn < ROWS_IN
         fmask = kmask[:, None] & nmask[None, :]
         if DENSE_TABLE:
             t_off = kk[:, None] * L + nn[None, :]  # < L * L <= 2**20: int32 is safe
