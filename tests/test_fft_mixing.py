@@ -265,6 +265,18 @@ def test_split_convolution_keeps_half_the_column_spectrum(device, small_plans, m
     assert rows == [2, 5]
 
 
+@pytest.mark.parametrize("s,limits", [(17, None), (48, (16, 2048)), (48, (16, 16))])  # dense, four-step, split
+def test_batch_launched_in_chunks(device, small_plans, monkeypatch, s, limits):
+    """Batches past a launch's grid limit run in chunks of batch rows (the launchers' b0 loops,
+    here at 2 rows a chunk; the split path's scratch holds 1 row): every path, per-input filters too."""
+    if limits:
+        small_plans(*limits)
+    monkeypatch.setattr(ops, "MAX_GRID_BATCH", 2)
+    monkeypatch.setattr(ops, "_grid", lambda *dims: dims)  # its bound is MAX_GRID_BATCH: other dims may pass 2
+    monkeypatch.setattr(ops, "SPLIT_SCRATCH_BYTES", 1)
+    _check_all_ops(s, 5, device, b=5)
+
+
 @pytest.mark.parametrize("chunk", [16, 32])
 def test_split_row_pass_in_table_slices(device, small_plans, monkeypatch, chunk):
     """split_rows_kernel reads the DFT table a slice at a time: here P2 = 32 rows (M = 500 = 20 x 25),

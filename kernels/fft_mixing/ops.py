@@ -252,6 +252,11 @@ def _rows(t: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
     return t if b0 == 0 and b1 == t.shape[0] else t[b0:b1]
 
 
+def _tail(flat: torch.Tensor, offset: int) -> torch.Tensor:
+    """flat[offset:] of a flat buffer, without a slice op when the offset is 0 (the one-launch case)."""
+    return flat if offset == 0 else flat[offset:]
+
+
 def _check_extents(**extents: int) -> None:
     """ValueError naming the dim when one is too long for the kernels' int32 in-dim indices."""
     for name, n in extents.items():
@@ -448,8 +453,9 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
             nw = min(nw, 4)
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
+            xo, yo = b0 * x_strides[0], b0 * y_strides[0]
             dft_axis_kernel[_grid(cdiv(cols, block), nb)](
-                xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
+                _tail(xr, xo), _tail(xi, xo), _tail(yr, yo), _tail(yi, yo),
                 f1, f2, tw, cols, length if bins is None else bins, mirror_width, *x_strides, *y_strides,
                 N1=plan.N1, N2=plan.N2, P1=plan.P1, P2=plan.P2, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out,
                 MIRROR=mirror_width > 0, BLOCK_C=block, PRECISION=prec, num_warps=nw)
@@ -459,8 +465,9 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         tab, dense = plans.gemm_table(length, dev)
         for b0 in range(0, batch, MAX_GRID_BATCH):
             nb = min(batch, b0 + MAX_GRID_BATCH) - b0
+            xo, yo = b0 * x_strides[0], b0 * y_strides[0]
             dft_gemm_kernel[_grid(cdiv(cols, bc), cdiv(length, bk), nb)](
-                xr[b0 * x_strides[0]:], xi[b0 * x_strides[0]:], yr[b0 * y_strides[0]:], yi[b0 * y_strides[0]:],
+                _tail(xr, xo), _tail(xi, xo), _tail(yr, yo), _tail(yi, yo),
                 tab, tab, length, cols, 1, 1, 1, 1, length, length, *x_strides, *y_strides,
                 SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=complex_out, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=False,
                 NEED_IMAG=complex_out, BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense,
@@ -481,12 +488,12 @@ def _dft_axis(xr, xi, yr, yi, length: int, cols: int, batch: int, x_strides, y_s
         nb = min(batch, b0 + chunk) - b0
         xo, yo = b0 * x_strides[0], b0 * y_strides[0]
         dft_gemm_kernel[_grid(cdiv(width, bc), cdiv(n1, bk), nb)](
-            xr[xo:], xi[xo:], ar, ai, tab1, circm, n1, width, 1, n2, cols, m, n1, n1,
+            _tail(xr, xo), _tail(xi, xo), ar, ai, tab1, circm, n1, width, 1, n2, cols, m, n1, n1,
             x_strides[0], width, 1, ar.stride(0), ar.stride(1), 1,
             SIGN=-1, COMPLEX_IN=complex_in, COMPLEX_OUT=True, IN_MODE=-1, OUT_MODE=-1, TWIDDLE=True, NEED_IMAG=True,
             BLOCK_K=bk, BLOCK_C=bc, BLOCK_N=bn, PRECISION=prec, DENSE_TABLE=dense1, num_warps=nw)
         split_rows_kernel[_grid(cdiv(cols, rd), n1, nb)](
-            ar, ai, ar, ai, f2, circm, yr[yo:], yi[yo:], n1, n2, cols, m, ar.stride(0), 0, y_strides[0],
+            ar, ai, ar, ai, f2, circm, _tail(yr, yo), _tail(yi, yo), n1, n2, cols, m, ar.stride(0), 0, y_strides[0],
             y_strides[1], mirror_width, P2=plan.P2, CHUNK=_row_chunk(plan), FILTER=False, COMPLEX_OUT=complex_out,
             NEED_IMAG=complex_out, BLOCK_D=rd, PRECISION=prec, MIRROR=mirror_width > 0, num_warps=nw)
 
