@@ -260,7 +260,8 @@ def test_split_convolution_keeps_half_the_column_spectrum(device, small_plans, m
     x, k = rand(2, 48, 5, device=device), rand(30, 5, device=device)
     filt = cfilt(2, 25, 5, device=device)
     tol = tolerance(torch.float32)
-    assert_close(tritonlab.spectral_filter(x, filt, backend="triton"), ref.spectral_filter_ref(np64(x), np64(filt)), tol)
+    assert_close(tritonlab.spectral_filter(x, filt, backend="triton"),
+                 ref.spectral_filter_ref(np64(x), np64(filt)), tol)
     assert_close(tritonlab.fft_conv(x, k, causal=True, backend="triton"), ref.fft_conv_ref(np64(x), np64(k), True), tol)
     assert rows == [2, 5]
 

@@ -278,13 +278,13 @@ def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = No
     m = plan.M
     if filt is not None:
         if plan.mode == plans.CIRC:
-            half = filt.to(torch.complex64)
+            half_spec = filt.to(torch.complex64)
         else:
             circ = torch.fft.irfft(fallback.hermitian_filter(filt, s, torch.float32), n=s, dim=1)
-            half = torch.fft.rfft(circ, n=m, dim=1)
+            half_spec = torch.fft.rfft(circ, n=m, dim=1)
     else:
-        half = torch.fft.rfft(k.to(torch.float32), n=m, dim=0)[None]
-    h = torch.view_as_real(half.contiguous())
+        half_spec = torch.fft.rfft(k.to(torch.float32), n=m, dim=0)[None]
+    h = torch.view_as_real(half_spec.contiguous())
     bh = h.shape[0]
     if plan.split:  # [Bh, N1 // 2 + 1, N2, D]: the split path keeps the column spectrum's first half
         rows, k2_stored = plan.split_rows, plan.N2
@@ -299,8 +299,9 @@ def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = No
     for b0 in range(0, bh, MAX_GRID_BATCH):
         b1 = min(bh, b0 + MAX_GRID_BATCH)
         spectrum_layout_kernel[_grid(cdiv(d, block_d), rows, b1 - b0)](
-            _rows(h, b0, b1), _rows(kr, b0, b1), _rows(ki, b0, b1), m, plan.N1, plan.N2, k2_stored, d, h.stride(0), kr.stride(0),
-            *strides, 1.0 / m, P2=plan.P2, BLOCK_D=block_d, HALF_ROWS=plan.split, num_warps=4)
+            _rows(h, b0, b1), _rows(kr, b0, b1), _rows(ki, b0, b1), m, plan.N1, plan.N2, k2_stored, d,
+            h.stride(0), kr.stride(0), *strides, 1.0 / m, P2=plan.P2, BLOCK_D=block_d, HALF_ROWS=plan.split,
+            num_warps=4)
     return kr, ki
 
 

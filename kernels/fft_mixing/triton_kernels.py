@@ -238,7 +238,7 @@ def fused_conv_kernel(x_ptr, y_ptr, kr_ptr, ki_ptr, f1_ptr, f2_ptr, tw_ptr,
 def spectrum_layout_kernel(h_ptr, kr_ptr, ki_ptr, M, N1, N2, K2_STORED, D, stride_hb, stride_ob, stride_k1, stride_k2,
                            stride_d, inv_m, P2: tl.constexpr, BLOCK_D: tl.constexpr, HALF_ROWS: tl.constexpr = 0):
     """The convolution kernels' spectrum from a half spectrum, in one pass: out[k1, k2, d] (strides
-    stride_k1/k2/d; the fused kernels' padded [P1, D, P2] or the split path's [N1, N2, D]) holds bin
+    stride_k1/k2/d; the fused kernels' padded [P1, D, P2] or the split path's [N1 // 2 + 1, N2, D]) holds bin
     k = k1 + N1 * k2 of the M-point Hermitian spectrum H / M, zero at padded k1 >= N1 or k2 >= N2.
     Columns k2 < K2_STORED are written (P2 for the padded layout, N2 for the split one, where a
     padded column would land in the next row).
@@ -477,7 +477,8 @@ def split_rows_kernel(ar_ptr, ai_ptr, kr_ptr, ki_ptr, f2_ptr, twc_ptr, yr_ptr, y
                       MIRROR: tl.constexpr = False):
     """Row pass of the split path on A[b, k1, n2, d] (fp32 pairs, contiguous [N1, N2, D] per batch row).
 
-    FILTER: Z = F2 A, Z *= K[k1, k2, d] (1/M folded in), B = conj(F2) Z, B *= conj(W_M^(k1 n2)),
+    FILTER: Z = F2 A, Z *= K[k1, k2, d] (1/M and the half spectrum's row weights folded in:
+    spectrum_layout_kernel's HALF_ROWS), B = conj(F2) Z, B *= conj(W_M^(k1 n2)),
     written back over A. Otherwise (a plain DFT): out[b, k1 + N1 k2, d] = (F2 A)[k2, d], real part
     unless COMPLEX_OUT. NEED_IMAG = FILTER or COMPLEX_OUT. MIRROR: the D columns are a half
     spectrum of width MIRROR_W, and the real output's other half is stored too (_store_mirrored).
