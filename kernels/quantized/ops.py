@@ -3,8 +3,10 @@
 `quantize` and `scaled_matmul` run as `torch.library.custom_op`s (`tritonlab::quantize`,
 `tritonlab::scaled_matmul`, and `tritonlab::scaled_matmul_quantized` for
 `scaled_matmul(..., quantize_output=...)`) with fake implementations, so
-`torch.compile(fullgraph=True)` keeps them in the graph. The Python wrappers validate (names in every error), flatten and handle empty
-inputs; the custom ops pick the path and run.
+`torch.compile(fullgraph=True)` keeps them in the graph. The Python wrappers validate (names in
+every error), flatten and handle empty inputs; the custom ops pick the path and run. Eager calls
+skip the dispatcher and run the ops' implementations directly (`_backend.dispatch`: it costs tens
+of microseconds of host time a call, and these ops have no autograd to record).
 
 Paths (which implementation runs; `quantize_path` / `scaled_matmul_path` answer without running):
 - "triton": the Triton kernels (int8 anywhere Triton runs; fp8 only where the hardware has FP8,
@@ -26,7 +28,7 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, compile_target,
-                        fit_pipelined_tiles, new_output, next_pow2, resolve_backend)
+                        dispatch, fit_pipelined_tiles, new_output, next_pow2, resolve_backend)
 from .._triton import interpreting
 from .._tuning import NotApplicable, TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -253,11 +255,13 @@ def _scale_shape(granularity: str, m: int, n: int) -> tuple[int, ...]:
     return {"row": (m, 1), "column": (1, n), "tensor": ()}[granularity]
 
 
-@torch.library.custom_op("tritonlab::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, qname: str, granularity: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_impl(x: torch.Tensor, qname: str, granularity: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _kernel_backend(backend, x.device, qname != "int8") == "triton":
         return _quantize_triton(x, qname, granularity)
     return fallback.quantize_torch(x, qname, granularity)
+
+
+_quantize_op = torch.library.custom_op("tritonlab::quantize", _quantize_impl, mutates_args=())
 
 
 @_quantize_op.register_fake
@@ -266,8 +270,7 @@ def _(x, qname, granularity, backend):
     return x.new_empty((m, n), dtype=QDTYPE[qname]), x.new_empty(_scale_shape(granularity, m, n), dtype=torch.float32)
 
 
-@torch.library.custom_op("tritonlab::scaled_matmul", mutates_args=())
-def _scaled_matmul_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+def _scaled_matmul_impl(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                       bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype,
                       backend: str) -> torch.Tensor:
     if scaled_matmul_path(a_q, b_q, backend=backend) == "triton":
@@ -275,13 +278,15 @@ def _scaled_matmul_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tenso
     return fallback.scaled_matmul_torch(a_q, a_scale, b_q, b_scale, bias, activation, out_dtype)
 
 
+_scaled_matmul_op = torch.library.custom_op("tritonlab::scaled_matmul", _scaled_matmul_impl, mutates_args=())
+
+
 @_scaled_matmul_op.register_fake
 def _(a_q, a_scale, b_q, b_scale, bias, activation, out_dtype, backend):
     return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("tritonlab::scaled_matmul_quantized", mutates_args=())
-def _scaled_matmul_quantized_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+def _scaled_matmul_quantized_impl(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                                 bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, qname: str,
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     path = scaled_matmul_path(a_q, b_q, backend=backend)
@@ -295,6 +300,10 @@ def _scaled_matmul_quantized_op(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: t
     if quantize_path(y, qname, backend=backend) == "triton":
         return _quantize_triton(y, qname, "row")
     return fallback.quantize_torch(y, qname, "row")
+
+
+_scaled_matmul_quantized_op = torch.library.custom_op("tritonlab::scaled_matmul_quantized", _scaled_matmul_quantized_impl,
+                                                      mutates_args=())
 
 
 @_scaled_matmul_quantized_op.register_fake
@@ -342,7 +351,7 @@ def quantize(x: torch.Tensor, dtype: QuantDType, granularity: str = "row", *, ch
     if m == 0 or n == 0:
         q = torch.zeros(x.shape, dtype=QDTYPE[qname], device=x.device)
         return q, torch.ones(scale_shape, dtype=torch.float32, device=x.device)
-    q, scale = _quantize_op(x.reshape(m, n).contiguous(), qname, granularity, backend)
+    q, scale = dispatch(_quantize_op, _quantize_impl, x.reshape(m, n).contiguous(), qname, granularity, backend)
     return q.reshape(x.shape), scale.reshape(scale_shape)
 
 
@@ -395,12 +404,12 @@ def scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
         if m == 0 or n == 0:
             return (torch.zeros(m, n, dtype=QDTYPE[qname], device=a_q.device),
                     torch.ones(m, 1, dtype=torch.float32, device=a_q.device))
-        return _scaled_matmul_quantized_op(a_q.contiguous(), a_s, b_q.contiguous(), b_s, bias, activation or "none",
-                                           out_dtype, qname, backend)
+        return dispatch(_scaled_matmul_quantized_op, _scaled_matmul_quantized_impl, a_q.contiguous(), a_s,
+                        b_q.contiguous(), b_s, bias, activation or "none", out_dtype, qname, backend)
     if m == 0 or n == 0:
         return torch.zeros(m, n, dtype=out_dtype, device=a_q.device)
-    return _scaled_matmul_op(a_q.contiguous(), a_s, b_q.contiguous(), b_s, bias, activation or "none", out_dtype,
-                             backend)
+    return dispatch(_scaled_matmul_op, _scaled_matmul_impl, a_q.contiguous(), a_s, b_q.contiguous(), b_s, bias,
+                    activation or "none", out_dtype, backend)
 
 
 # ----------------------------------------------------------------------------- tuning registry
