@@ -288,13 +288,13 @@ def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = No
     bh = h.shape[0]
     if plan.split:  # [Bh, N1 // 2 + 1, N2, D]: the split path keeps the column spectrum's first half
         rows, k2_stored = plan.split_rows, plan.N2
-        kr = torch.empty((bh, rows, plan.N2, d), dtype=torch.float32, device=h.device)
+        kr = new_output((bh, rows, plan.N2, d), torch.float32, h.device)
         strides = (plan.N2 * d, d, 1)
     else:  # [Bh, P1, D, P2], zero past N1 and N2
         rows, k2_stored = plan.P1, plan.P2
-        kr = torch.empty((bh, plan.P1, d, plan.P2), dtype=torch.float32, device=h.device)
+        kr = new_output((bh, plan.P1, d, plan.P2), torch.float32, h.device)
         strides = (d * plan.P2, 1, plan.P2)
-    ki = torch.empty_like(kr)
+    ki = new_output(kr.shape, torch.float32, h.device)  # poisoned in tests: every element is written
     block_d = SPECTRUM_BLOCK // plan.P2
     for b0 in range(0, bh, MAX_GRID_BATCH):
         b1 = min(bh, b0 + MAX_GRID_BATCH)
