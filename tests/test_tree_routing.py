@@ -239,6 +239,28 @@ def test_fff_forward_backward(backend, device, act, bias, t):
     assert nw_grad.grad is None
 
 
+def test_fff_forward_training_skips_the_index_check(backend, device, monkeypatch):
+    """The training path's leaves come from the walk, in range by construction: it runs leaf_mlp
+    without leaf_mlp's index range check (a host sync on CUDA). The public leaf_mlp still checks."""
+    from tritonlab.kernels.grouped_gemm import ops as gg_ops
+
+    def refuse(self, num_groups):
+        raise AssertionError("index range check reached")
+
+    depth, d, h, o, t = 3, 14, 6, 9, 90
+    nw, nb = tree(depth, d, torch.float32, device)
+    x = separated_tokens(t, d, nw, nb, torch.float32, device).requires_grad_()
+    w1, w2 = rand(2**depth, d, h, device=device), rand(2**depth, h, o, device=device)
+    expected = tritonlab.fff_forward(x.detach(), nw, nb, w1, None, w2, None, "relu", backend=backend)
+    monkeypatch.setattr(gg_ops._IndexBounds, "check", refuse)
+    y = tritonlab.fff_forward(x, nw, nb, w1, None, w2, None, "relu", backend=backend)
+    y.sum().backward()
+    assert x.grad is not None and torch.allclose(y.detach(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError, match="index range check"):
+        tritonlab.leaf_mlp(x.detach(), torch.zeros(t, dtype=torch.int64, device=device), w1, None, w2, None, "relu",
+                           backend=backend)
+
+
 @pytest.mark.parametrize("act,bias,t", [("gelu", True, 41), ("relu", False, 1), ("silu", True, 70)])
 def test_fff_path_forward_backward(backend, device, act, bias, t):
     """Gradients of x, w_in, w_out, b_in through the path logits against float64 autograd through

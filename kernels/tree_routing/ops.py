@@ -21,7 +21,7 @@ from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from ..grouped_gemm.grouping import CountedGrouping, sorts_in_one_launch
 from ..grouped_gemm.fallback import activation_and_grad
-from ..grouped_gemm.ops import leaf_mlp, leaf_mlp_triton
+from ..grouped_gemm.ops import leaf_mlp_in_range, leaf_mlp_triton
 from . import fallback, reference
 from .triton_kernels import fff_fused_kernel, path_accumulate_kernel, tree_walk_kernel
 
@@ -373,8 +373,9 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
         # training through the hard tree: the route (piecewise constant: no gradient reaches the node
         # weights) and then the leaves through leaf_mlp, whose backward gives x, w1, b1, w2 and b2 theirs
+        # (the walk's leaves are in range: no index check, no host sync)
         leaf = tree_route(x2, node_weight, node_bias, backend=backend)
-        y = leaf_mlp(x2, leaf.long(), w1, b1, w2, b2, activation, backend=backend).reshape(*lead, o)
+        y = leaf_mlp_in_range(x2, leaf, w1, b1, w2, b2, activation, backend).reshape(*lead, o)
     else:
         c = [None if t is None else t.contiguous() for t in (node_weight, node_bias, w1, b1, w2, b2)]
         y, leaf = dispatch(_fff_forward_op, _fff_forward_impl, x2, *c, activation or "none", backend)
