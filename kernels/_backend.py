@@ -242,7 +242,10 @@ def cpu_workspace(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device:
     cache = _workspace_cache.__dict__.setdefault("buffers", {})
     buf = cache.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = cache[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        # a normal tensor even when first made under torch.inference_mode(): an inference tensor
+        # could not be written by the calls made outside it later
+        with torch.inference_mode(False):
+            buf = cache[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
