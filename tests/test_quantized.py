@@ -169,6 +169,47 @@ def test_quantize_zero_slices_saturation_and_empty(backend, device):
             assert q.shape == shape and tuple(scale.shape) == s_shape and torch.all(scale == 1)
 
 
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_quantize_tiny_slices_keep_their_values(backend, device, granularity):
+    """A slice whose amax / qmax is below the smallest normal float32 gets the floor scale 2**-126
+    (1 / scale stays finite): q * scale stays within half a step of x, where a subnormal scale made
+    every q saturate. Values down to 2**-120, normal floats."""
+    for qname in QNAMES:
+        x = torch.tensor([[1e-37, 5e-38, 2.5e-38, -3.3e-38], [7e-37, -2e-36, 1e-36, 0.0]], device=device)
+        x = x * (QMAX[qname] / 127) if granularity == "row" else x
+        q, scale = tritonlab.quantize(x, qname, granularity, backend=backend)
+        assert_quantized_equal(q, scale, x, qname, granularity)
+        s64 = scale.cpu().numpy().astype(np.float64)
+        deq = qvalues(q) * s64
+        # half a step: scale / 2 on the int8 grid; on the fp8 grids a relative half ulp (at most 2**-3)
+        # plus half the subnormal spacing (at most 2**-10 * scale)
+        half = s64 / 2 if qname == "int8" else np.abs(np64(x)) * 2.0**-3 + s64 * 2.0**-10
+        assert np.all(np.abs(deq - np64(x)) <= half), (qname, deq, np64(x))
+
+
+def test_quantize_works_after_a_call_under_inference_mode():
+    """The CPU quantizer's reused scratch buffer, first made under torch.inference_mode(), must stay
+    writable by later calls outside it (a fresh thread gets fresh buffers)."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                tritonlab.quantize(rand(5, 7), "int8", backend="torch")
+            x = rand(5, 7)
+            q, scale = tritonlab.quantize(x, "int8", backend="torch")
+            assert_quantized_equal(q, scale, x, "int8", "row")
+        except Exception as e:  # noqa: BLE001  (reported by the test thread below)
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not errors, errors[0]
+
+
 def test_quantize_accepts_torch_dtypes(device):
     x = rand(5, 16, device=device)
     for dtype, name in [(torch.int8, "int8"), (torch.float8_e4m3fn, "fp8_e4m3"), (torch.float8_e5m2, "fp8_e5m2")]:

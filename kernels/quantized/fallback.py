@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from .._backend import cpu_workspace, torch_activation
 
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+#: the smallest scale of a non-zero slice, 2**-126 (the smallest normal float32): its reciprocal is
+#: finite, where a subnormal amax / qmax would overflow 1 / scale and saturate every q
+MIN_SCALE = 2.0**-126
 QDTYPE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 #: K chunk for the exact float32 int8 path: 1024 * 127 * 127 < 2**24
 EXACT_K_CHUNK = 1024
@@ -41,7 +44,7 @@ def quantize_torch(x: torch.Tensor, qname: str, granularity: str) -> tuple[torch
     # A tensor divisor, not the Python float: CUDA torch turns division by a host scalar into a
     # multiplication by its reciprocal, which is off by one ulp for some amax (seen on an H100).
     scale = amax / torch.full((), qmax, device=amax.device)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = torch.where(amax == 0, 1.0, torch.where(scale < MIN_SCALE, MIN_SCALE, scale))  # NaN stays NaN
     # one float32 buffer, updated in place: x's own conversion when it was not float32 already,
     # else a reused CPU workspace (q is what leaves)
     inv = 1.0 / scale

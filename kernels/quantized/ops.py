@@ -328,7 +328,8 @@ def quantize(x: torch.Tensor, dtype: QuantDType, granularity: str = "row", *, ch
     Returns:
         (q, scale): q has x's shape and the quantized dtype; scale is float32 and keeps x's rank:
         [..., 1] for rows, [1, ..., 1, N] for columns, 0-d for the tensor.
-        scale = amax / qmax (qmax 127, 448, 57344), 1 for an all-zero slice; q = x * (1 / scale) in
+        scale = amax / qmax (qmax 127, 448, 57344), at least 2**-126 (the smallest normal float32, so
+        that 1 / scale stays finite for tiny slices), 1 for an all-zero slice; q = x * (1 / scale) in
         float32, clamped to [-qmax, qmax] and rounded half to even (int8) or to the nearest fp8 value
         (ties to even). A slice holding NaN gets a NaN scale (inf: an inf scale) and zeros in q, so
         q * scale is NaN there: a non-finite value spoils only its own slice. Tensor granularity

@@ -19,6 +19,9 @@ from .._numpy_ref import activation as activation_ref
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 NP_QDTYPE = {"int8": np.int8, "fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
 _AXIS = {"row": 1, "column": 0, "tensor": None}
+#: smallest scale of a non-zero slice: 2**-126, the smallest normal float32, whose reciprocal 2**126
+#: is exact and finite (a subnormal amax / qmax would make 1 / scale overflow and every q saturate)
+MIN_SCALE = np.float32(2.0**-126)
 
 
 def quantize_ref(x: np.ndarray, qname: str, granularity: str = "row") -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +37,7 @@ def quantize_ref(x: np.ndarray, qname: str, granularity: str = "row") -> tuple[n
         else:
             amax = np.max(np.abs(x32), axis=axis, keepdims=axis is not None)  # NaN propagates
         scale = np.asarray(amax / qmax, dtype=np.float32)
-        scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
+        scale = np.where(amax == 0, np.float32(1), np.where(scale < MIN_SCALE, MIN_SCALE, scale)).astype(np.float32)
         inv = (np.float32(1) / scale).astype(np.float32)
         v = (x32 * inv).astype(np.float32)
         v = np.where(np.isnan(v), np.float32(0), v)

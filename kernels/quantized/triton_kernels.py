@@ -2,7 +2,8 @@
 
 Quantization (one rule everywhere, shared with fallback.py and reference.py):
     amax  = max |x| over the slice (NaN if the slice holds a NaN)
-    scale = amax / qmax (correctly rounded float32), 1 where that is 0
+    scale = amax / qmax (correctly rounded float32), at least 2**-126 (the smallest normal float32:
+            1 / scale stays finite), 1 where amax is 0
     v     = x * (1 / scale) in float32, NaN -> 0, clamped to [-qmax, qmax]
     q     = v rounded half to even onto the int8 / fp8 grid
 The rounding is done in float32 arithmetic (the 1.5 * 2**23 magic number on v scaled by the grid
@@ -60,9 +61,11 @@ def _round_to_grid(v, KIND: tl.constexpr, QMAX: tl.constexpr, MANT: tl.constexpr
 
 @jit
 def _scale_from_amax(amax, QMAX: tl.constexpr):
-    """scale = amax / qmax, 1 where that is 0 (all-zero slice); NaN/inf amax stay non-finite."""
+    """scale = amax / qmax, at least 2**-126 (MIN_SCALE), 1 where amax is 0 (all-zero slice);
+    NaN/inf amax stay non-finite (a NaN compares false)."""
     scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
-    return tl.where(scale == 0.0, 1.0, scale)
+    scale = tl.where(scale < 1.1754943508222875e-38, 1.1754943508222875e-38, scale)
+    return tl.where(amax == 0.0, 1.0, scale)
 
 
 @jit
