@@ -148,6 +148,17 @@ def test_imaginary_dc_and_nyquist_are_ignored_as_numpy_does(backend, device):
     assert_close(y, tritonlab.spectral_filter(x, real_edges, backend=backend), 1e-6)
 
 
+@pytest.mark.parametrize("s", [8, 7])  # M = S (circular) and the periodic extension
+def test_lazily_conjugated_filter(backend, device, s):
+    """A filter given as a conj() view (a conjugate bit, not conjugated memory) works as its values."""
+    d = 3
+    x = rand(2, s, d, device=device)
+    filt = cfilt(s // 2 + 1, d, device=device)
+    assert filt.conj().is_conj()
+    y = tritonlab.spectral_filter(x, filt.conj(), backend=backend)
+    assert_close(y, ref.spectral_filter_ref(np64(x), np64(filt).conj()), tolerance(torch.float32))
+
+
 def test_per_input_filter_and_leading_dims(backend, device):
     s, d = 12, 5
     x = rand(2, 3, s, d, device=device)

@@ -278,7 +278,7 @@ def _conv_spectrum(plan: Plan, s: int, d: int, filt: Optional[torch.Tensor] = No
     m = plan.M
     if filt is not None:
         if plan.mode == plans.CIRC:
-            half_spec = filt.to(torch.complex64)
+            half_spec = filt.to(torch.complex64).resolve_conj()  # a lazy conj() view: view_as_real needs it resolved
         else:
             circ = torch.fft.irfft(fallback.hermitian_filter(filt, s, torch.float32), n=s, dim=1)
             half_spec = torch.fft.rfft(circ, n=m, dim=1)
