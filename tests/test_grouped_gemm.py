@@ -669,3 +669,25 @@ def test_cpu_fallback_works_after_a_call_under_inference_mode():
     thread.start()
     thread.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_nan_token_spoils_only_its_own_groups_gradients(backend, device, k):
+    """Token 0 holds a NaN: only the weight gradients of the groups it is routed to and its own dx row
+    turn non-finite. (The padded layout's padding rows copy a real token's row: the torch backward
+    zeroes them, since they meet the weights' gradient sums multiplied by zero.)"""
+    t, d, h, o, g = 40, 5, 6, 3, 5
+    x = rand(t, d, device=device)
+    x[0, 2] = float("nan")
+    idx = routing(t, k, g, "uniform", device)
+    idx[:, 0] = torch.where(torch.arange(t, device=device) < 30, 1, idx[:, 0])  # a tall group: padding in the others
+    hit = set(idx[0].tolist())
+    w = rand(g, d, 4, device=device).requires_grad_()
+    tritonlab.gather_matmul_scatter(x, w, idx, backend=backend).sum().backward()
+    w1, w2 = rand(g, d, h, device=device).requires_grad_(), rand(g, h, o, device=device).requires_grad_()
+    xg = x.clone().requires_grad_()
+    tritonlab.leaf_mlp(xg, idx, w1, None, w2, None, "gelu", backend=backend).sum().backward()
+    for grad in (w.grad, w1.grad, w2.grad):
+        bad = {i for i in range(g) if not torch.isfinite(grad[i]).all()}
+        assert bad == hit, (bad, hit)
+    assert torch.isfinite(xg.grad[1:]).all() and not torch.isfinite(xg.grad[0]).all()

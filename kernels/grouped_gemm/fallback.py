@@ -172,13 +172,19 @@ class SlotLayout:
         return not self.sorted_mode
 
     # -- moving rows in and out
-    def gather(self, x: Tensor, workspace: Optional[str] = None) -> Tensor:
-        """[T, D] token rows -> [P, D] padded rows (padding rows hold some real token's row).
-        With `workspace`, the result lives in that reusable buffer (it must not leave the caller)."""
+    def gather(self, x: Tensor, workspace: Optional[str] = None, zero_padding: bool = False) -> Tensor:
+        """[T, D] token rows -> [P, D] padded rows (padding rows hold some real token's row, or zeros
+        with `zero_padding`: the backward's weight gradients sum over padding rows times zeros, and
+        a copied NaN or inf times zero would reach another group's gradient). With `workspace`, the
+        result lives in that reusable buffer (it must not leave the caller)."""
         if workspace is None:
-            return x.index_select(0, self.src_token)
-        out = cpu_workspace(workspace, (self.rows, x.shape[1]), x.dtype, x.device)
-        return torch.index_select(x, 0, self.src_token, out=out)
+            out = x.index_select(0, self.src_token)
+        else:
+            out = cpu_workspace(workspace, (self.rows, x.shape[1]), x.dtype, x.device)
+            torch.index_select(x, 0, self.src_token, out=out)
+        if zero_padding and self.rows > self.num_tokens * self.topk:
+            out.index_fill_(0, (self.src_slot == self.num_tokens * self.topk).nonzero()[:, 0], 0)
+        return out
 
     def slot_values(self, values: Optional[Tensor], dtype: torch.dtype) -> Tensor:
         """[M] per-slot values (None: all ones) -> [P], zero on padding rows."""
@@ -417,12 +423,12 @@ def gather_matmul_scatter_backward_torch(dy: Tensor, x: Tensor, weight: Tensor, 
     lay = SlotLayout(indices, weight.shape[0], row_cost=_row_cost(3 * d + 4 * n, 6 * d * n), group_cost=3 * d * n,
                      widths=(d, n), matmuls=3)
     w = weight.to(cdt)
-    xp = lay.gather(x).to(cdt)
+    xp = lay.gather(x, zero_padding=True).to(cdt)
     z = lay.gemm(xp, w)
     if bias is not None:
         lay.add_bias_(z, bias.to(cdt))
     a, da = activation_and_grad(z, activation)
-    dyp = lay.gather(dy).to(cdt)
+    dyp = lay.gather(dy, zero_padding=True).to(cdt)
     drw = None
     if route_weights is not None:
         drw = lay.take_slots((a * dyp).sum(1)).view(route_weights.shape).to(route_weights.dtype)
@@ -486,12 +492,12 @@ def leaf_mlp_backward_torch(dy: Tensor, x: Tensor, indices: Tensor, w1: Tensor, 
     lay = SlotLayout(indices, g, row_cost=_row_cost(3 * d + 6 * h1 + 3 * o, 6 * (d * h1 + h * o)),
                      group_cost=3 * (d * h1 + h * o), widths=(d, h1, h, o), matmuls=5)
     w1c, w2c = w1.to(cdt), w2.to(cdt)
-    xp = lay.gather(x).to(cdt)
+    xp = lay.gather(x, zero_padding=True).to(cdt)
     u = lay.gemm(xp, w1c)
     if b1 is not None:
         lay.add_bias_(u, b1.to(cdt))
     hidden = hidden_forward(u, activation)
-    dyp = lay.gather(dy).to(cdt)
+    dyp = lay.gather(dy, zero_padding=True).to(cdt)
     gp = lay.gemm(dyp, w2c.transpose(1, 2))  # dy_t @ w2[g]^T
     drw = None
     if route_weights is not None:  # d/d rw = <hidden @ w2 + b2, dy>
