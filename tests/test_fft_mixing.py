@@ -587,6 +587,9 @@ def _bad_calls():
         ("x", ValueError, lambda: fc(rand(2, 0, 4), rand(0, 4))),
         ("float64", TypeError, lambda: tritonlab.fnet_mix(x.double().to(_DEVICE), backend="triton")),
         ("backend", ValueError, lambda: tritonlab.fnet_mix(x, backend="cuda")),
+        ("backend", ValueError, lambda: tritonlab.fnet_mix(x[:0], backend="cuda")),  # also with an empty batch
+        ("backend", ValueError, lambda: sf(x[:0], filt, backend="cuda")),
+        ("backend", ValueError, lambda: fc(x[:0], k, backend="cuda")),
         ("mode", ValueError, lambda: FFTTokenMixer(4, 8, "attention")),
         ("seq_len", ValueError, lambda: FFTTokenMixer(4, None, "filter")),
         ("seq_len", ValueError, lambda: FFTTokenMixer(4, 16, "filter")(x)),

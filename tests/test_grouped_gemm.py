@@ -500,6 +500,8 @@ def _bad_calls():
         ("activation", ValueError, lambda: gms(x, w, idx, b, rw, "tanh")),
         ("x", TypeError, lambda: gms(x.long(), w, idx)),
         ("backend", ValueError, lambda: gms(x, w, idx, backend="cuda")),
+        ("backend", ValueError, lambda: gms(x[:0], w, idx[:0], backend="cuda")),  # also with no tokens
+        ("backend", ValueError, lambda: leaf(x[:0], idx[:0], w1, b1, w2, b2, backend="cuda")),
         ("weight", ValueError, lambda: gms(x, w.to("meta"), idx)),
         ("indices", ValueError, lambda: leaf(x, idx + 3, w1, b1, w2, b2)),
         ("w1", ValueError, lambda: leaf(x, idx, rand(3, 7, 4), b1, w2, b2)),

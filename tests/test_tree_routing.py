@@ -321,6 +321,11 @@ def _bad_calls():
         ("node_weight", TypeError, lambda: tritonlab.tree_route(x, nw.double())),
         ("node_weight", ValueError, lambda: tritonlab.tree_route(x, nw.to("meta"))),
         ("backend", ValueError, lambda: tritonlab.tree_route(x, nw, backend="cuda")),
+        # a bad backend name also when nothing would run: no tokens, or a depth-0 tree
+        ("backend", ValueError, lambda: tritonlab.tree_route(x[:0], nw, backend="cuda")),
+        ("backend", ValueError, lambda: tritonlab.tree_route(x, rand(0, 8), backend="cuda")),
+        ("backend", ValueError, lambda: f(x[:0], nw, nb, w1, b1, w2, b2, backend="cuda")),
+        ("backend", ValueError, lambda: tritonlab.fff_path_forward(x[:0], nw, rand(7, 3), backend="cuda")),
         ("w1", ValueError, lambda: f(x, nw, nb, rand(4, 8, 4), b1, w2, b2)),
         ("w1", ValueError, lambda: f(x, nw, nb, rand(8, 7, 4), b1, w2, b2)),
         ("w2", ValueError, lambda: f(x, nw, nb, w1, b1, rand(8, 5, 6), b2)),

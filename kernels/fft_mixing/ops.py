@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .._accuracy import TF32_TOLERANCE, rel_error, tolerance
-from .._backend import FLOAT_DTYPES, cdiv, check_same_device, dispatch, new_output, resolve_backend
+from .._backend import FLOAT_DTYPES, cdiv, check_backend, check_same_device, dispatch, new_output, resolve_backend
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, plans, reference
@@ -653,6 +653,7 @@ def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         [..., S, D] in x's dtype, float32 math. Unnormalized, as numpy.fft (and FNet). Differentiable
         (the op is self-adjoint).
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     _check_x(x)
     if x.numel() == 0:
         return _empty_result(x)
@@ -673,6 +674,7 @@ def spectral_filter(x: torch.Tensor, filt: torch.Tensor, *, backend: str = "auto
         [..., S, D] in x's dtype (float32 math). Exact circular semantics for every S (no padding
         of the signal). Differentiable in x and filt.
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     _check_x(x)
     if not isinstance(filt, torch.Tensor):
         raise TypeError(f"filt must be a torch.Tensor, got {type(filt).__name__}")
@@ -709,6 +711,7 @@ def fft_conv(x: torch.Tensor, k: torch.Tensor, causal: bool = True, *, backend: 
     Returns:
         [..., S, D] in x's dtype (float32 math). Differentiable in x and k.
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     _check_x(x)
     _check_real("k", k, "[L, D]")
     s, d = x.shape[-2], x.shape[-1]

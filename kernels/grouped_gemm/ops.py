@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (INDEX_DTYPES, cdiv, check_activation, check_features, check_optional, check_same_device,
+from .._backend import (INDEX_DTYPES, cdiv, check_activation, check_backend, check_features, check_optional, check_same_device,
                         check_same_dtype, check_tensor, check_width, dispatch, fit_pipelined_tiles,
                         flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting
@@ -616,6 +616,7 @@ def gather_matmul_scatter(x: Tensor, weight: Tensor, indices: Tensor, bias: Opti
     outside [0, G) (a host sync on CUDA, after the Triton launches; skipped under torch.compile; see
     the module docstring).
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     g, d, n = _check_x_and_group_weight(x, "weight", weight)
     check_optional("bias", bias, (g, n))
     check_same_dtype(x, weight=weight, bias=bias)
@@ -655,6 +656,7 @@ def leaf_mlp(x: Tensor, indices: Tensor, w1: Tensor, b1: Optional[Tensor], w2: T
     Raises ValueError/TypeError naming the argument for wrong shapes, dtypes, devices, or indices
     outside [0, G) (a host sync on CUDA, after the Triton launches; skipped under torch.compile).
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     g, d, h1 = _check_x_and_group_weight(x, "w1", w1)
     check_tensor("w2", w2, ndim=3)
     if activation != "swiglu":

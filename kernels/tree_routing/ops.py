@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (cdiv, check_activation, check_features, check_optional, check_same_device,
+from .._backend import (cdiv, check_activation, check_backend, check_features, check_optional, check_same_device,
                         check_same_dtype, check_tensor, check_width, dispatch, flatten_tokens, new_output,
                         next_pow2, resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
@@ -314,6 +314,7 @@ def tree_route(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[t
         int32 [...]: leaf in [0, 2**depth). At node i the token goes right (2i+2) when
         x . node_weight[i] + node_bias[i] >= 0, else left. Logits are accumulated in float32.
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     _check_tree_inputs(x, node_weight, node_bias)
     x2, lead = flatten_tokens("x", x)
     check_same_device(x=x, node_weight=node_weight, node_bias=node_bias)
@@ -345,6 +346,7 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
     leaf_mlp); the hard route has zero derivative, so node_weight and node_bias get no gradient
     (FastFeedForward trains the tree through its soft form).
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     depth = _check_tree_inputs(x, node_weight, node_bias)
     if not isinstance(return_leaf_counts, bool):
         raise TypeError(f"return_leaf_counts must be a bool, got {type(return_leaf_counts).__name__}")
@@ -399,6 +401,7 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
         (>= 0 goes right). Differentiable in x, w_in, w_out and b_in through the logits (the choice
         of path has zero derivative), on every backend.
     """
+    check_backend(backend)  # also for empty inputs, which return before a backend is picked
     _check_tree_inputs(x, w_in, b_in, "w_in", "b_in", extra_level=True)
     check_tensor("w_out", w_out, ndim=2)
     if w_out.shape[0] != w_in.shape[0]:
