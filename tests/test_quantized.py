@@ -272,6 +272,8 @@ def test_int8_gemm_is_exact_before_scaling(backend, device, m, n, k):
         np.testing.assert_array_equal(y.cpu().numpy().astype(np.int64), exact)
 
 
+# the interpreter's numpy warnings on the float16 overflow row
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast", "ignore:invalid value encountered in multiply")
 @pytest.mark.parametrize("n", [50, 300], ids=["fused", "unfused"])  # one tile spans N = 50 rows; 300 does not
 @pytest.mark.parametrize("qname", QNAMES)
 def test_scaled_matmul_quantize_output(backend, device, qname, n):
@@ -291,10 +293,20 @@ def test_scaled_matmul_quantize_output(backend, device, qname, n):
     acc_err = 2e-3 if (qname != "int8" and GPU and backend == "triton") else 1e-6
     bound = quantization_bound(y_ref, np64(scale), qname, slack=1e-3) + acc_err * np.abs(y_ref).max()
     assert np.all(err <= bound), f"max excess {np.max(err - bound):.3e}"
-    if qname == "int8":  # exact accumulators: the fused epilogue equals quantize() of the float32 result
+    if qname == "int8":
+        # exact accumulators: q equals quantize() of the result rounded to out_dtype (torch's rounding
+        # of the same float32 epilogue values), an out_dtype overflow included (all-100 operands:
+        # y ~ 4e5 is inf in float16, so that row's scale is inf and its q zero)
+        big = torch.full((1, k), 100, dtype=torch.int8, device=device)
+        a_q, a_s = torch.cat([a_q, big]), torch.cat([a_s, torch.ones_like(a_s[:1])])
+        b_q, b_s = torch.cat([b_q[:-1], big]), torch.cat([b_s[:-1], torch.ones_like(b_s[:1])])
         y = tritonlab.scaled_matmul(a_q, a_s, b_q, b_s, bias, "gelu", torch.float32, backend=backend)
-        q2, scale2 = tritonlab.quantize(y, qname, "row", backend=backend)
-        assert torch.equal(q, q2) and torch.equal(scale, scale2)
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            q, scale = tritonlab.scaled_matmul(a_q, a_s, b_q, b_s, bias, "gelu", out_dtype, quantize_output=qname,
+                                               backend=backend)
+            q2, scale2 = tritonlab.quantize(y.to(out_dtype), qname, "row", backend=backend)
+            assert torch.equal(q, q2) and torch.equal(scale, scale2), out_dtype
+        assert not torch.isfinite(scale[-1]) and torch.all(q[-1] == 0)  # float16: the overflow row
     q_e, s_e = tritonlab.scaled_matmul(a_q[:0], a_s[:0], b_q, b_s, quantize_output=qname, backend=backend)
     assert q_e.shape == (0, n) and s_e.shape == (0, 1)
 

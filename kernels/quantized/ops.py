@@ -206,7 +206,8 @@ def _quantize_triton(x: torch.Tensor, qname: str, granularity: str, config: Opti
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
-    return {torch.int8: tl.int8, torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}[dtype]
+    return {torch.int8: tl.int8, torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5,
+            torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
 def _scaled_mm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
@@ -243,7 +244,7 @@ def _scaled_mm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: 
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         IS_INT8=is_int8, A_PER_ROW=a_s.numel() > 1, B_PER_COL=b_s.numel() > 1, HAS_BIAS=bias is not None,
         ACT=check_activation(activation), LOAD_BITS=load_bits, INT_FILL=is_int8 or load_bits,
-        A_TY=_tl_dtype(a.dtype), B_TY=_tl_dtype(b.dtype),
+        A_TY=_tl_dtype(a.dtype), B_TY=_tl_dtype(b.dtype), Y_TY=_tl_dtype(out_dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=(k % bk == 0),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **quant)
     return (c, c_scale) if quant_out is not None else c
@@ -377,8 +378,9 @@ def scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
         [M, N] out_dtype. int8 products accumulate exactly in int32, fp8 ones in float32; the epilogue
         (scales, bias, activation) runs in float32 on the accumulator.
         With quantize_output: (q [M, N], scale [M, 1] float32) instead. On the Triton path with
-        N <= 256 (one tile spans the row) the epilogue quantizes its float32 values directly and y is
-        never written; otherwise y is formed in out_dtype and then quantized.
+        N <= 256 (one tile spans the row) the epilogue rounds y to out_dtype and quantizes it in
+        registers (y is never written); otherwise y is stored in out_dtype and then quantized. Either
+        way q and scale equal quantize(scaled_matmul(...), quantize_output, "row").
     """
     check_tensor("a_q", a_q, ndim=2, dtypes=QUANT_DTYPES)
     check_tensor("b_q", b_q, ndim=2, dtypes=QUANT_DTYPES)

@@ -178,6 +178,21 @@ def quantize_tensor_kernel(x_ptr, q_ptr, s_ptr, amax_bits_ptr, numel,
 
 
 @jit
+def _round_to_float_dtype(x, Y_TY: tl.constexpr):
+    """float32 x rounded to Y_TY (bfloat16, float16 or float32), returned as float32. bfloat16 by
+    integer arithmetic on the bits (round half to even; the interpreter's cast does not round to
+    nearest), so the interpreter and a GPU agree with torch's rounding."""
+    if Y_TY == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+    elif Y_TY == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@jit
 def scaled_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, cs_ptr, M, N, K,
                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                      IS_INT8: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
@@ -186,7 +201,9 @@ def scaled_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, cs_ptr, M, N
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      QUANT_OUT: tl.constexpr = False, KIND: tl.constexpr = 0, QMAX: tl.constexpr = 127.0,
-                     MANT: tl.constexpr = 0, EMIN: tl.constexpr = 0):
+                     MANT: tl.constexpr = 0, EMIN: tl.constexpr = 0, Y_TY: tl.constexpr = tl.float32):
+    """C = act((A @ B^T) * a_scale * b_scale + bias) rounded to Y_TY (out_dtype), or its row
+    quantization with QUANT_OUT (module docstring)."""
     # Grouped ordering: GROUP_M row-tiles sweep the column tiles together, so B tiles stay in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -247,10 +264,13 @@ def scaled_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, cs_ptr, M, N
         out = out * tl.load(bs_ptr)
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_cn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    out = apply_activation(out, ACT)
+    # y rounded to out_dtype (round half to even, on a GPU as in the interpreter)
+    out = _round_to_float_dtype(apply_activation(out, ACT), Y_TY)
     if QUANT_OUT:
-        # The tile spans the whole row (BLOCK_N >= N, one column tile): quantize each row for the
-        # next layer here, with the quantize kernels' rule, and store q and the row scale.
+        # The tile spans the whole row (BLOCK_N >= N, one column tile): quantize each row of y (as
+        # rounded to out_dtype, as the unfused path stores it: q equals quantize(y) on every path, an
+        # out_dtype overflow included) for the next layer here, with the quantize kernels' rule, and
+        # store q and the row scale.
         out = tl.where(nmask[None, :], out, 0.0)
         row_scale = _scale_from_amax(_nan_aware_amax(out, 1), QMAX)
         inv = tl.math.div_rn(tl.full(row_scale.shape, 1.0, tl.float32), row_scale)
