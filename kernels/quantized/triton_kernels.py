@@ -198,10 +198,11 @@ def scaled_mm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, cs_ptr, M, N
                      IS_INT8: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                      LOAD_BITS: tl.constexpr, INT_FILL: tl.constexpr, A_TY: tl.constexpr, B_TY: tl.constexpr,
+                     Y_TY: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      QUANT_OUT: tl.constexpr = False, KIND: tl.constexpr = 0, QMAX: tl.constexpr = 127.0,
-                     MANT: tl.constexpr = 0, EMIN: tl.constexpr = 0, Y_TY: tl.constexpr = tl.float32):
+                     MANT: tl.constexpr = 0, EMIN: tl.constexpr = 0):
     """C = act((A @ B^T) * a_scale * b_scale + bias) rounded to Y_TY (out_dtype), or its row
     quantization with QUANT_OUT (module docstring)."""
     # Grouped ordering: GROUP_M row-tiles sweep the column tiles together, so B tiles stay in L2.
