@@ -679,6 +679,29 @@ def test_ops_hold_in_a_compiled_graph(device):
     torch.testing.assert_close(gx, gx_eager)
 
 
+def test_custom_ops_return_the_layout_their_fakes_promise(backend, device):
+    """The fake implementations promise x's contiguous layout: inductor checks the real outputs'
+    strides against them (the torch path returned a complex buffer's real part, stride 2, and
+    transposed views). Through the custom ops as a compiled graph calls them, and inductor itself."""
+    s, d = 10, 4
+    x = rand(2, s, d, device=device)
+    filt, k = cfilt(s // 2 + 1, d, device=device), rand(s, d, device=device)
+    ops = torch.ops.tritonlab
+    for y in (ops.fnet_mix(x, backend), ops.spectral_filter(x, filt, backend), ops.fft_conv(x, k, True, backend),
+              ops.fft_conv(x, k, False, backend)):
+        assert y.stride() == torch.empty_like(x).stride()
+    if backend == "torch":
+        def layer(x):
+            return (tritonlab.spectral_filter(x, filt, backend="torch") + tritonlab.fft_conv(x, k, backend="torch")
+                    + tritonlab.fnet_mix(x, backend="torch"))
+
+        xg = x.clone().requires_grad_()
+        y = torch.compile(layer, fullgraph=True)(xg)  # inductor
+        torch.testing.assert_close(y, layer(x))
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), xg)[0],
+                                   torch.autograd.grad(layer(xg).sum(), xg)[0])
+
+
 # ----------------------------------------------------------------------------- tuning registry
 
 def test_tunable_kernels_registered(device):

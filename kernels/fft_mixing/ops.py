@@ -536,7 +536,7 @@ def _fnet_mix_impl(x: torch.Tensor, backend: str) -> torch.Tensor:
                                and (AUTO_USES_SPLIT or not getattr(plans.dft_plan(x.shape[1]), "split", False))):
         b, s, d = x.shape
         return _fnet_triton(x, _config("fnet_mix", {"B": b, "S": s, "D": d}, x))
-    return fallback.fnet_mix_torch(x)
+    return fallback.fnet_mix_torch(x).contiguous()  # as the fake promises (a compiled graph relies on it)
 
 
 _fnet_mix_op = torch.library.custom_op("tritonlab::fnet_mix", _fnet_mix_impl, mutates_args=())
@@ -564,7 +564,7 @@ def _spectral_filter_impl(x: torch.Tensor, filt: torch.Tensor, backend: str) -> 
     if _use_triton(backend, plan):
         cfg = _config("spectral_filter", {"B": b, "S": s, "D": d}, x)
         return _conv_triton(x, plan, cfg, filt=filt)
-    return fallback.spectral_filter_torch(x, filt)
+    return fallback.spectral_filter_torch(x, filt).contiguous()
 
 
 _spectral_filter_op = torch.library.custom_op("tritonlab::spectral_filter", _spectral_filter_impl, mutates_args=())
@@ -601,7 +601,7 @@ def _fft_conv_impl(x: torch.Tensor, k: torch.Tensor, causal: bool, backend: str)
     if _use_triton(backend, plan):
         cfg = _config("fft_conv" if causal else "spectral_filter", {"B": b, "S": s, "D": d}, x)
         return _conv_triton(x, plan, cfg, k=k)
-    return fallback.fft_conv_torch(x, k, causal)
+    return fallback.fft_conv_torch(x, k, causal).contiguous()
 
 
 _fft_conv_op = torch.library.custom_op("tritonlab::fft_conv", _fft_conv_impl, mutates_args=())
