@@ -533,6 +533,25 @@ def test_module_bf16_input(device):
         assert y.dtype == torch.bfloat16 and y.shape == x.shape and torch.isfinite(y.float()).all()
 
 
+@pytest.mark.parametrize("mode", ["filter", "adaptive"])
+def test_module_cast_to_half_precision(backend, device, mode):
+    """model.half() / .to(bfloat16) make the filter's real pairs half precision: the mixer upcasts
+    them (a half complex filter is refused) and stays within the dtype's bound of the float32 module."""
+    s, d = 16, 8
+    m = FFTTokenMixer(d, s, mode, backend=backend).to(device)
+    if mode == "adaptive":  # a non-trivial gain (the last layer starts at zero)
+        torch.nn.init.normal_(m.context_mlp[2].weight, std=0.3)
+    x = rand(2, s, d, device=device)
+    y32 = m(x).detach()
+    for dt in (torch.float16, torch.bfloat16):
+        half = FFTTokenMixer(d, s, mode, backend=backend).to(device)
+        half.load_state_dict(m.state_dict())
+        half = half.half() if dt == torch.float16 else half.to(dt)
+        y = half(x.to(dt))
+        assert y.dtype == dt
+        assert_close(y, y32, tolerance(dt))
+
+
 def test_module_init_follows_gfnet():
     m = FFTTokenMixer(64, 256, "filter")
     assert m.filter.shape == (129, 64, 2) and abs(float(m.filter.detach().std()) - 0.02) < 0.002

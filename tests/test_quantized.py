@@ -401,6 +401,23 @@ def test_quantized_ffn_half_precision_and_leading_dims(backend, device, dtype):
     assert ffn(rand(3, 0, d, dtype=dtype, device=device)).shape == (3, 0, o)
 
 
+@pytest.mark.parametrize("qname", QNAMES)
+def test_quantized_ffn_survives_module_wide_casts(device, qname):
+    """model.half() / .to(bfloat16) / .double() leave the quantized state as it is (fp8 values count as
+    floating point and were cast, which the GEMM then refused): same outputs before and after."""
+    l1, l2 = _linears(24, 40, 16, torch.float32, device, bias=True)
+    ffn = tritonlab.QuantizedFFN.from_float(l1, l2, "gelu", qname, backend="torch")
+    x = rand(3, 24, device=device)
+    before = {dt: ffn(x.to(dt)) for dt in (torch.float16, torch.bfloat16, torch.float32)}
+    state = {name: b.clone() for name, b in ffn.named_buffers()}
+    for cast, dt in ((lambda m: m.half(), torch.float16), (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+                     (lambda m: m.double(), torch.float32)):
+        ffn = cast(ffn)
+        for name, b in ffn.named_buffers():
+            assert b.dtype == state[name].dtype and torch.equal(b.view(torch.uint8), state[name].view(torch.uint8))
+        assert torch.equal(ffn(x.to(dt)), before[dt])
+
+
 def test_quantized_ffn_weight_memory_and_repr(device):
     l1, l2 = _linears(256, 512, 256, torch.float32, device)
     ffn = tritonlab.QuantizedFFN.from_float(l1, l2, "relu", "fp8_e4m3")

@@ -81,8 +81,11 @@ class FFTTokenMixer(nn.Module):
         return f"dim={self.dim}, seq_len={self.seq_len}, mode={self.mode!r}, backend={self.backend!r}"
 
     def complex_filter(self) -> torch.Tensor:
-        """The learnable filter W [S//2 + 1, D] as a complex tensor (modes "filter" and "adaptive")."""
-        return torch.view_as_complex(self.filter)
+        """The learnable filter W [S//2 + 1, D] as a complex tensor (modes "filter" and "adaptive"):
+        complex64, or complex128 for a float64 module (after model.half() or .to(torch.bfloat16) the
+        pairs are upcast: the op multiplies in float32 anyway, and half complex filters are refused)."""
+        pairs = self.filter if self.filter.dtype == torch.float64 else self.filter.float()
+        return torch.view_as_complex(pairs)
 
     def conv_kernel(self, s: int) -> torch.Tensor:
         """The implicit kernel k [s, D] of mode "conv" for a sequence of length s."""
@@ -113,6 +116,7 @@ class FFTTokenMixer(nn.Module):
         if self.mode == "adaptive":
             ctx = x.mean(dim=-2).to(self.filter.dtype)  # [..., D]
             m = self.context_mlp(ctx)
+            m = m if m.dtype == torch.float64 else m.float()  # a complex32 gain would be refused
             gain = 1 + torch.complex(m[..., : self.dim], m[..., self.dim:])
             filt = filt * gain.unsqueeze(-2)  # [..., S//2 + 1, D], one filter per input
         return spectral_filter(x, filt, backend=self.backend)

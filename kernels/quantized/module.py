@@ -105,6 +105,18 @@ class QuantizedFFN(nn.Module):
         return cls(w1_q, w1_s, linear1.bias, w2_q, w2_s, linear2.bias, _activation_name(activation), qname,
                    float_weight_bytes=float_bytes, backend=backend)
 
+    def _apply(self, fn, recurse=True):
+        """Module-wide casts (model.half(), .to(torch.bfloat16)) leave the quantized state's dtypes
+        alone: int8/fp8 values (fp8 counts as floating point, and would be cast), float32 scales and
+        biases. Device moves apply."""
+        before = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, b in before.items():
+            moved = self._buffers[name]
+            if moved.dtype != b.dtype:
+                self._buffers[name] = b.to(moved.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] float32/float16/bfloat16 -> [..., O] in x's dtype."""
         check_tensor("x", x)
