@@ -37,6 +37,20 @@ def test_hardened_training_forward_equals_inference(device):
     assert_close(y_eval, y_train.detach(), 1e-5)
 
 
+def test_hardened_training_sends_a_zero_logit_right_as_inference_does(device):
+    """At logit 0 the hard route goes right (>= 0); hardened training must too (round(sigmoid(0)) =
+    round(0.5) went left). The root is zeroed, so every token's first logit is exactly 0."""
+    m = _module(device, train_hardened=True)
+    with torch.no_grad():
+        m.node_bias[0] = 1e3  # tokens separated on the right subtree, the path they will take
+        x = separated_tokens(20, 24, m.node_weight.detach(), m.node_bias.detach(), torch.float32, device)
+        m.node_weight[0] = 0.0
+        m.node_bias[0] = 0.0
+        y_eval, counts = m.eval()(x, return_leaf_counts=True)
+    assert counts[8:].sum() == 20  # all in the right half of the 16 leaves
+    assert_close(m.train()(x).detach(), y_eval, 1e-5)
+
+
 def test_soft_training_is_a_mixture_and_trains(device):
     m = _module(device).train()
     x = rand(17, 24, device=device)

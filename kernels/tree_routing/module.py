@@ -114,9 +114,13 @@ class FastFeedForward(nn.Module):
         mix = x2.new_ones(x2.shape[0], 1)
         for level in range(self.depth):
             lo, hi = 2**level - 1, 2 ** (level + 1) - 1
-            p_right = torch.sigmoid(x2 @ self.node_weight[lo:hi].T + self.node_bias[lo:hi])
+            logit = x2 @ self.node_weight[lo:hi].T + self.node_bias[lo:hi]
             if self.train_hardened:
-                p_right = torch.round(p_right)
+                # the hard route's rule (logit >= 0 goes right): round(sigmoid) sent logit 0, and
+                # logits whose sigmoid rounds to 0.5 in half precision, left (no gradient either way)
+                p_right = (logit >= 0).to(logit.dtype)
+            else:
+                p_right = torch.sigmoid(logit)
             # children of level node j are 2j (left) and 2j + 1 (right) on the next level
             mix = torch.stack((mix * (1 - p_right), mix * p_right), dim=-1).flatten(1)
         return mix
