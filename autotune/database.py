@@ -177,8 +177,25 @@ def _empty(slug: str = "", device: str = "") -> dict:
     return {"format": FORMAT_VERSION, "slug": slug, "device": device, "kernels": {}}
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _valid_shape_key(key: Any) -> bool:
+    try:
+        parse_shape_key(key)
+        return True
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def _valid(data: Any) -> bool:
+    """The structure lookups rely on: an int format, shape keys of 'name=int' pairs, entries whose
+    config is a dict and whose shape (if any) maps names to ints. Anything else would fail every
+    lookup later, so the file is set aside instead."""
     if not isinstance(data, dict) or not isinstance(data.get("kernels"), dict):
+        return False
+    if not _is_int(data.get("format", FORMAT_VERSION)):
         return False
     for by_dtype in data["kernels"].values():
         if not isinstance(by_dtype, dict):
@@ -186,8 +203,11 @@ def _valid(data: Any) -> bool:
         for by_key in by_dtype.values():
             if not isinstance(by_key, dict):
                 return False
-            for entry in by_key.values():
-                if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            for key, entry in by_key.items():
+                if not _valid_shape_key(key) or not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+                    return False
+                shape = entry.get("shape", {})
+                if not isinstance(shape, dict) or not all(_is_int(v) for v in shape.values()):
                     return False
     return True
 

@@ -220,7 +220,15 @@ def test_user_folder_overrides_shipped(dirs, monkeypatch, tmp_path):
     assert sources == {"D=8,T=128": "user", "D=8,T=1024": "shipped"}
 
 
-@pytest.mark.parametrize("garbage", ['{"kernels": {"k": ', "[1, 2, 3]", '{"kernels": {"k": {"float16": {"T=1": 5}}}}'])
+@pytest.mark.parametrize("garbage", [
+    '{"kernels": {"k": ', "[1, 2, 3]", '{"kernels": {"k": {"float16": {"T=1": 5}}}}',
+    # structures every later lookup would trip over (found by fuzzing): a non-integer format, shape
+    # keys that are not name=int pairs, an entry shape that is not a dict of ints
+    '{"format": "1", "kernels": {}}', '{"format": null, "kernels": {}}',
+    '{"kernels": {"k": {"float16": {"garbage": {"config": {}}}}}}',
+    '{"kernels": {"k": {"float16": {"T=abc": {"config": {}}}}}}',
+    '{"kernels": {"k": {"float16": {"T=4": {"config": {}, "shape": [1, 2]}}}}}',
+    '{"kernels": {"k": {"float16": {"T=4": {"config": {}, "shape": {"T": "x"}}}}}}'])
 def test_corrupted_file_is_reported_and_set_aside(dirs, garbage):
     user, _ = dirs
     user.mkdir(parents=True)
