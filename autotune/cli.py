@@ -29,6 +29,8 @@ PRESETS = ("small", "models", "full")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .database import slug_argument
+
     p.add_argument("--kernel", "-k", nargs="+", action="extend", metavar="K",
                    help="kernels to tune (registered names; default: all)")
     p.add_argument("--preset", choices=PRESETS, default="models",
@@ -50,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="spread the jobs over a Ray cluster ('auto', 'ray://host:10001', or 'local')")
     p.add_argument("--retune", action="store_true", help="tune again what the database already holds")
     p.add_argument("--show", action="store_true", help="list what the tuning database holds and exit")
-    p.add_argument("--slug", default=None, help="device slug for --show/--merge (default: this machine's)")
+    p.add_argument("--slug", default=None, type=slug_argument,
+                   help="device slug for --show/--merge (default: this machine's)")
     p.add_argument("--merge", nargs="+", metavar="FILE", default=None,
                    help="merge database files into this device's (keeps the faster winner per entry)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
@@ -121,7 +124,7 @@ def _show(args: argparse.Namespace, console) -> int:
 def _merge(args: argparse.Namespace, console) -> int:
     import json
 
-    from .database import merge_files, user_config_dir
+    from .database import check_slug, merge_files, user_config_dir
 
     slugs = set()
     for f in args.merge:
@@ -132,9 +135,17 @@ def _merge(args: argparse.Namespace, console) -> int:
             slugs.add(json.loads(Path(f).read_text()).get("slug") or Path(f).stem)
         except (ValueError, AttributeError):
             slugs.add(Path(f).stem)
-    slug = args.slug or (slugs.pop() if len(slugs) == 1 else _this_slug())
-    dest = Path(args.config_dir or user_config_dir()) / f"{slug}.json"
-    counts = merge_files(args.merge, dest)
+    if args.slug is None and len(slugs) > 1:
+        console.print(f"[red]--merge: the files are for different devices {sorted(map(str, slugs))}; "
+                      "name the database to merge into with --slug[/]")
+        return 2
+    try:
+        slug = check_slug(args.slug or slugs.pop())
+        dest = Path(args.config_dir or user_config_dir()) / f"{slug}.json"
+        counts = merge_files(args.merge, dest)
+    except ValueError as e:
+        console.print(f"[red]--merge: {e}[/]")
+        return 2
     console.print(f"merged {len(args.merge)} file(s) into {dest}: {counts['added']} added, "
                   f"{counts['replaced']} replaced by a faster winner, {counts['kept']} kept")
     return 0

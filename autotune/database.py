@@ -150,7 +150,10 @@ def nearest_key(problem: Mapping[str, int], keys: Iterable[str],
     want = bucket_shape(problem, tokens)
     ranked = []
     for key in keys:
-        have = parse_shape_key(key)
+        try:
+            have = parse_shape_key(key)
+        except ValueError:  # not name=int pairs (a hand-edited file): no problem's bucket
+            continue
         if set(have) != set(want):
             continue
         ok, dist, tok = True, 0.0, 0
@@ -181,18 +184,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _valid_shape_key(key: Any) -> bool:
-    try:
-        parse_shape_key(key)
-        return True
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
 def _valid(data: Any) -> bool:
-    """The structure lookups rely on: an int format, shape keys of 'name=int' pairs, entries whose
-    config is a dict and whose shape (if any) maps names to ints. Anything else would fail every
-    lookup later, so the file is set aside instead."""
+    """The structure lookups rely on: an int format, entries whose config is a dict and whose shape
+    (if any) maps names to ints. Anything else would fail every lookup later, so the file is set
+    aside instead. (A key that is not name=int pairs is skipped by the lookup: nearest_key.)"""
     if not isinstance(data, dict) or not isinstance(data.get("kernels"), dict):
         return False
     if not _is_int(data.get("format", FORMAT_VERSION)):
@@ -203,8 +198,8 @@ def _valid(data: Any) -> bool:
         for by_key in by_dtype.values():
             if not isinstance(by_key, dict):
                 return False
-            for key, entry in by_key.items():
-                if not _valid_shape_key(key) or not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            for entry in by_key.values():
+                if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
                     return False
                 shape = entry.get("shape", {})
                 if not isinstance(shape, dict) or not all(_is_int(v) for v in shape.values()):
@@ -350,7 +345,9 @@ def merge_files(sources: Iterable[os.PathLike | str], dest: os.PathLike | str) -
     incoming: list[tuple[str, str, str, Entry]] = []
     devices = set()
     for src in sources:
-        data = TuningFile(src).load()
+        data, why = TuningFile(src)._read()  # a source is only read: never set aside, even when corrupted
+        if data is None:
+            raise ValueError(f"cannot merge {src}: {why}")
         if data.get("device"):
             devices.add(data["device"])
         incoming.extend(iter_entries(data))
@@ -404,6 +401,24 @@ def new_entry(*, config: Mapping[str, Any], time_ms: float, default_config: Mapp
     return entry
 
 
+def check_slug(slug: object) -> str:
+    """A device slug names one file in a database folder: no path separators, not '.' or '..'
+    (a slug read from a file or typed as --slug must not write outside the folder)."""
+    if not isinstance(slug, str) or not slug or slug in (".", "..") or "/" in slug or "\\" in slug or "\0" in slug:
+        raise ValueError(f"device slug must be a plain file name (no path separators), got {slug!r}")
+    return slug
+
+
+def slug_argument(value: str) -> str:
+    """argparse `type` for --slug options: check_slug's error as a usage error (exit 2, no traceback)."""
+    import argparse
+
+    try:
+        return check_slug(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 class TuningDB:
     """The tuning database of one device: the shipped file overlaid by the user's file.
 
@@ -413,7 +428,7 @@ class TuningDB:
 
     def __init__(self, slug: str, *, user_dir: Optional[os.PathLike | str] = None,
                  shipped_dir: Optional[os.PathLike | str] = None):
-        self.slug = slug
+        self.slug = check_slug(slug)
         self.user_file = TuningFile(Path(user_dir if user_dir is not None else user_config_dir()) / f"{slug}.json")
         self.shipped_file = TuningFile(Path(shipped_dir if shipped_dir is not None else shipped_config_dir())
                                        / f"{slug}.json")

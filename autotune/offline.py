@@ -285,6 +285,8 @@ def run_check(kernels: Optional[Sequence[str]] = None, preset: str = "models", d
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .database import slug_argument
+
     p.add_argument("--arch", type=int, default=90,
                    help="compute capability as one number: 80 (A100), 89 (L4/L40), 90 (H100/H200), 100 (B200)")
     p.add_argument("--kernel", "-k", nargs="+", action="extend", metavar="K",
@@ -294,7 +296,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", choices=("default", "all", "tuned"), default="default",
                    help="each shape's heuristic default, the tuning space the tuner would try on this "
                         "architecture (a survey), or the entries of --slug's tuning database")
-    p.add_argument("--slug", default=None, help="device slug of the database for --configs tuned")
+    p.add_argument("--slug", default=None, type=slug_argument, help="device slug of the database for --configs tuned")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every row as JSON")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (it registers more tunable kernels)")

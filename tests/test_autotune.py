@@ -222,11 +222,9 @@ def test_user_folder_overrides_shipped(dirs, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("garbage", [
     '{"kernels": {"k": ', "[1, 2, 3]", '{"kernels": {"k": {"float16": {"T=1": 5}}}}',
-    # structures every later lookup would trip over (found by fuzzing): a non-integer format, shape
-    # keys that are not name=int pairs, an entry shape that is not a dict of ints
+    # structures every later lookup would trip over (found by fuzzing): a non-integer format, an
+    # entry shape that is not a dict of ints
     '{"format": "1", "kernels": {}}', '{"format": null, "kernels": {}}',
-    '{"kernels": {"k": {"float16": {"garbage": {"config": {}}}}}}',
-    '{"kernels": {"k": {"float16": {"T=abc": {"config": {}}}}}}',
     '{"kernels": {"k": {"float16": {"T=4": {"config": {}, "shape": [1, 2]}}}}}',
     '{"kernels": {"k": {"float16": {"T=4": {"config": {}, "shape": {"T": "x"}}}}}}'])
 def test_corrupted_file_is_reported_and_set_aside(dirs, garbage):
@@ -241,6 +239,17 @@ def test_corrupted_file_is_reported_and_set_aside(dirs, garbage):
     assert len(aside) == 1 and aside[0].read_text() == garbage and not path.exists()
     db.put("k", {"T": 4, "D": 8}, torch.float16, _entry({"B": 3}))
     assert TuningDB("gpu_test").lookup("k", {"T": 4, "D": 8}, torch.float16) == ({"B": 3}, "exact")
+
+
+def test_lookup_skips_keys_that_are_not_shapes(dirs):
+    """A hand-edited key that is not name=int pairs matches no problem; the lookup goes on (it raised)."""
+    user, _ = dirs
+    for key in ("garbage", "D=8,T=abc"):
+        TuningFile(user / "gpu_test.json").put("k", "float16", key, _entry({"B": 9}))
+    db = TuningDB("gpu_test")
+    assert db.lookup("k", {"T": 4, "D": 8}, torch.float16) == (None, "none")
+    db.put("k", {"T": 4, "D": 8}, torch.float16, _entry({"B": 3}))
+    assert db.lookup("k", {"T": 8, "D": 8}, torch.float16) == ({"B": 3}, "nearest")
 
 
 def test_merge_keeps_the_faster_winner(tmp_path):
@@ -611,6 +620,32 @@ def test_cli_merge(dirs, tmp_path, capsys):
     assert autotune_main(["--merge", str(a), "--config-dir", str(user)]) == 0
     assert "1 added" in capsys.readouterr().out
     assert TuningDB("gpu_x", user_dir=user).get("k", {"T": 1}, "float16")["config"] == {"B": 1}
+
+
+def test_cli_merge_refuses_bad_sources(dirs, tmp_path, capsys):
+    """Found by fuzzing: a garbled source was set aside (the user's file renamed) and reported as
+    merged; files of two devices went into this machine's database; a slug read from a file wrote
+    outside the config folder. Now each is a clear error, exit 2, nothing renamed or written."""
+    user, _ = dirs
+    garbled = tmp_path / "gpu_x.json"
+    garbled.write_text('{"kernels": ')
+    assert autotune_main(["--merge", str(garbled), "--config-dir", str(user)]) == 2
+    assert "not valid JSON" in capsys.readouterr().out and garbled.read_text() == '{"kernels": '
+    a, b = tmp_path / "gpu_a.json", tmp_path / "gpu_b.json"
+    TuningFile(a).put("k", "float16", "T=1", _entry({"B": 1}))
+    TuningFile(b).put("k", "float16", "T=1", _entry({"B": 2}))
+    assert autotune_main(["--merge", str(a), str(b), "--config-dir", str(user)]) == 2
+    assert "different devices" in capsys.readouterr().out
+    assert autotune_main(["--merge", str(a), str(b), "--slug", "gpu_a", "--config-dir", str(user)]) == 0
+    capsys.readouterr()
+    escaping = tmp_path / "esc.json"
+    escaping.write_text(json.dumps({"slug": "../escaped", "kernels": {}}))
+    assert autotune_main(["--merge", str(escaping), "--config-dir", str(user)]) == 2
+    assert "plain file name" in capsys.readouterr().out and not (user.parent / "escaped.json").exists()
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        autotune_main(["--show", "--slug", "../x", "--config-dir", str(user)])
+    assert exit_info.value.code == 2
+    assert sorted(p.name for p in user.iterdir() if not p.name.startswith(".")) == ["gpu_a.json"]
 
 
 @pytest.mark.skipif(GPU, reason="CPU pipeline test (the subprocess runs the interpreter path)")
