@@ -411,7 +411,14 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
         p = p / "results.csv"
     if not p.exists():
         raise FileNotFoundError(f"no results.csv at {path}")
-    return pd.read_csv(p, keep_default_na=True)
+    try:
+        df = pd.read_csv(p, keep_default_na=True)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise ValueError(f"{p} is not a results CSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in COMPARE_KEYS + ["role", "status", "median_ms"] if c not in df.columns]
+    if missing:
+        raise ValueError(f"{p} is not a results CSV: columns {missing} are missing")
+    return df
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
@@ -433,12 +440,19 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = DEFAULT_THRESHO
 
 
 def run_compare(path_a: str, path_b: str, threshold: float = DEFAULT_THRESHOLD, all_providers: bool = False) -> int:
+    """Exit status: 0 no regression, 1 regressions, 2 the comparison could not be made (a missing or
+    unreadable CSV, a threshold that is not a number >= 0, no row in common)."""
     try:
+        if not threshold >= 0:  # NaN fails too
+            raise ValueError(f"--threshold must be a number >= 0, got {threshold}")
         a, b = load_results(path_a), load_results(path_b)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"tritonlab report --compare: {e}", file=sys.stderr)
         return 2
     m = compare(a, b, threshold, all_providers)
+    if m.empty:
+        print(f"tritonlab report --compare: {path_a} and {path_b} have no row in common", file=sys.stderr)
+        return 2
     from rich.console import Console
     from rich.table import Table
 

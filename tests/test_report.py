@@ -292,6 +292,27 @@ def test_compare_flags_a_planted_regression(tmp_path, capsys):
     assert m["regression"].sum() == 1 and set(m.loc[m["regression"], "why"]) == {"now wrong"}
 
 
+def test_compare_that_cannot_be_made_exits_2(tmp_path, capsys):
+    """Exit 1 means regressions; a comparison that could not be made is 2 with a message, never a
+    traceback (found by fuzzing: pandas errors surfaced with status 1, and an empty B passed)."""
+    a = roofline.annotate(synthetic_results(), CEILINGS)
+    good = tmp_path / "good.csv"
+    a.to_csv(good, index=False)
+    bad = {"empty.csv": "", "garbled.csv": 'a,b\n1,"2\n', "columns.csv": "kernel,shape\nx,y\n",
+           "header_only.csv": ",".join(a.columns) + "\n", "binary.csv": None}
+    for name, text in bad.items():
+        path = tmp_path / name
+        if text is None:
+            path.write_bytes(bytes(range(256)) * 4)
+        else:
+            path.write_text(text)
+        assert cli_main(["report", "--compare", str(good), str(path)]) == 2, name
+        assert "tritonlab report --compare" in capsys.readouterr().err
+    for threshold in ("nan", "-0.1"):
+        assert cli_main(["report", "--compare", str(good), str(good), "--threshold", threshold]) == 2
+    assert cli_main(["report", "--compare", str(good), str(good)]) == 0
+
+
 def test_report_from_benchmark_json(tmp_path):
     case = toy_case(torch.tanh)
     benchmarks = []
