@@ -204,8 +204,11 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         err.print(f"tritonlab autotune: --workers must be >= 1, got {args.workers}")
         return 2
-    if args.budget is not None and args.budget <= 0:
+    if args.budget is not None and not (args.budget > 0 and math.isfinite(args.budget)):  # NaN fails too
         err.print(f"tritonlab autotune: --budget must be a positive number of minutes, got {args.budget}")
+        return 2
+    if args.max_measurements is not None and args.max_measurements < 1:
+        err.print(f"tritonlab autotune: --max-measurements must be >= 1, got {args.max_measurements}")
         return 2
     try:
         jobs = plan(args.kernel, args.preset, args.dtype)

@@ -611,6 +611,10 @@ def test_cli_without_gpu_or_interpreter_says_so(dirs, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert autotune_main(["--kernel", "no_such_kernel", "--preset", "small"]) == 2
     assert "no_such_kernel" in capsys.readouterr().err
+    for flag, value in (("--max-measurements", "0"), ("--max-measurements", "-1"), ("--budget", "nan"),
+                        ("--budget", "0"), ("--workers", "0")):  # refused before anything is tuned
+        assert autotune_main(["--kernel", "tree_route", "--preset", "small", flag, value]) == 2
+        assert flag in capsys.readouterr().err
 
 
 def test_cli_merge(dirs, tmp_path, capsys):
