@@ -51,3 +51,23 @@ def check_grads(run, formula, tensors, dy) -> None:
         if a is not None:
             assert a.grad is not None and a.grad.dtype == a.dtype, f"input {i}: no gradient"
             assert_close(a.grad, r.grad, 2 * tolerance(torch.float32), what=f"grad of input {i}")
+
+
+def run_in_fresh_thread(fn) -> None:
+    """Run fn() in a new thread (fresh thread-local state, such as the CPU fallbacks' scratch
+    buffers) and re-raise what it raised here."""
+    import threading
+
+    errors = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the calling thread)
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]

@@ -13,7 +13,8 @@ from tritonlab.kernels.grouped_gemm import reference as ref
 from tritonlab.kernels.grouped_gemm.fallback import SlotLayout
 from tritonlab.kernels.grouped_gemm.grouping import ONE_LAUNCH_MAX_GROUPS, ONE_LAUNCH_MAX_SLOTS, CountedGrouping, DeviceGrouping
 
-from helpers import DTYPES, assert_close, check_grads, graph_replay, np64, rand, record_launches, tolerance
+from helpers import (DTYPES, assert_close, check_grads, graph_replay, np64, rand, record_launches,
+                     run_in_fresh_thread, tolerance)
 
 
 def routing(t, k, g, kind, device):
@@ -644,33 +645,23 @@ def test_gemm_config_fits_the_gpu_shared_memory(monkeypatch, device):
 def test_cpu_fallback_works_after_a_call_under_inference_mode():
     """The CPU fallback's reused scratch buffers, first made under torch.inference_mode(), must not
     become inference tensors that later calls outside it cannot write (fresh thread: fresh buffers)."""
-    import threading
-
-    errors = []
-
     def run():
-        try:
-            # large enough for the padded layout, which uses the scratch buffers
-            x, w, idx = rand(600, 96), rand(8, 96, 256), routing(600, 2, 8, "uniform", "cpu")
-            w1, w2 = rand(8, 96, 64), rand(8, 64, 96)
-            with torch.inference_mode():
-                tritonlab.gather_matmul_scatter(x, w, idx, backend="torch")
-                tritonlab.leaf_mlp(x, idx, w1, None, w2, None, "relu", backend="torch")
-            xg = x.clone().requires_grad_()
-            y = tritonlab.gather_matmul_scatter(xg, w, idx, backend="torch")
-            y.sum().backward()
-            expected = ref.gather_matmul_scatter_ref(np64(x), np64(w), idx.numpy(), None, None, None)
-            assert_close(y, expected, tolerance(torch.float32))
-            z = tritonlab.leaf_mlp(x, idx, w1, None, w2, None, "relu", backend="torch")
-            assert_close(z, ref.leaf_mlp_ref(np64(x), idx.numpy(), np64(w1), None, np64(w2), None, "relu"),
-                         tolerance(torch.float32))
-        except Exception as e:  # noqa: BLE001  (reported by the test thread below)
-            errors.append(e)
+        # large enough for the padded layout, which uses the scratch buffers
+        x, w, idx = rand(600, 96), rand(8, 96, 256), routing(600, 2, 8, "uniform", "cpu")
+        w1, w2 = rand(8, 96, 64), rand(8, 64, 96)
+        with torch.inference_mode():
+            tritonlab.gather_matmul_scatter(x, w, idx, backend="torch")
+            tritonlab.leaf_mlp(x, idx, w1, None, w2, None, "relu", backend="torch")
+        xg = x.clone().requires_grad_()
+        y = tritonlab.gather_matmul_scatter(xg, w, idx, backend="torch")
+        y.sum().backward()
+        expected = ref.gather_matmul_scatter_ref(np64(x), np64(w), idx.numpy(), None, None, None)
+        assert_close(y, expected, tolerance(torch.float32))
+        z = tritonlab.leaf_mlp(x, idx, w1, None, w2, None, "relu", backend="torch")
+        assert_close(z, ref.leaf_mlp_ref(np64(x), idx.numpy(), np64(w1), None, np64(w2), None, "relu"),
+                     tolerance(torch.float32))
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    assert not errors, errors[0]
+    run_in_fresh_thread(run)
 
 
 @pytest.mark.parametrize("k", [1, 2])

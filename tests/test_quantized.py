@@ -20,7 +20,7 @@ from tritonlab.kernels.quantized import ops
 from tritonlab.kernels.quantized import reference as ref
 from tritonlab.kernels.quantized.ops import quantized_to_numpy
 
-from helpers import DTYPES, assert_close, np64, rand, tolerance
+from helpers import DTYPES, assert_close, np64, rand, run_in_fresh_thread, tolerance
 
 QNAMES = ["int8", "fp8_e4m3", "fp8_e5m2"]
 QMAX = {"int8": 127, "fp8_e4m3": 448, "fp8_e5m2": 57344}
@@ -190,24 +190,14 @@ def test_quantize_tiny_slices_keep_their_values(backend, device, granularity):
 def test_quantize_works_after_a_call_under_inference_mode():
     """The CPU quantizer's reused scratch buffer, first made under torch.inference_mode(), must stay
     writable by later calls outside it (a fresh thread gets fresh buffers)."""
-    import threading
-
-    errors = []
-
     def run():
-        try:
-            with torch.inference_mode():
-                tritonlab.quantize(rand(5, 7), "int8", backend="torch")
-            x = rand(5, 7)
-            q, scale = tritonlab.quantize(x, "int8", backend="torch")
-            assert_quantized_equal(q, scale, x, "int8", "row")
-        except Exception as e:  # noqa: BLE001  (reported by the test thread below)
-            errors.append(e)
+        with torch.inference_mode():
+            tritonlab.quantize(rand(5, 7), "int8", backend="torch")
+        x = rand(5, 7)
+        q, scale = tritonlab.quantize(x, "int8", backend="torch")
+        assert_quantized_equal(q, scale, x, "int8", "row")
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    assert not errors, errors[0]
+    run_in_fresh_thread(run)
 
 
 def test_quantize_accepts_torch_dtypes(device):
