@@ -94,6 +94,16 @@ def _tune_now(kernel: _tuning.TunableKernel, shape: Mapping[str, int], dtype: to
             return None
 
 
+def _usable(config: Mapping[str, Any]) -> bool:
+    """Whether a stored config can be handed to a launcher: every value a non-negative int (tuning
+    spaces hold only ints and flags), num_warps a power of two up to 32, num_stages >= 1. A
+    hand-edited entry breaking this would fail every launch of its kernel."""
+    if not all(isinstance(v, int) and v >= 0 for v in config.values()):
+        return False
+    warps, stages = config.get("num_warps", 4), config.get("num_stages", 1)
+    return warps in (1, 2, 4, 8, 16, 32) and stages >= 1
+
+
 def config_provider(name: str, shape: Mapping[str, int], dtype: torch.dtype,
                     device: torch.device) -> Optional[dict[str, Any]]:
     """The tuned config for a problem by the database's lookup rule, or None (then the default runs)."""
@@ -106,6 +116,10 @@ def config_provider(name: str, shape: Mapping[str, int], dtype: torch.dtype,
     db = database(device=device)
     kernel = _tuning._REGISTRY.get(name)
     config, how = db.lookup(name, shape, dtype, space=kernel.space if kernel is not None else None)
+    if config is not None and not _usable(config):
+        warnings.warn(f"tuning database {db.slug}: the {name} entry for {dict(shape)} ({dtype}) has an unusable config "
+                      f"{config}; the default config runs", RuntimeWarning, stacklevel=2)
+        config, how = None, "none"
     if how != "exact" and kernel is not None and _may_tune_now(device):
         config = _tune_now(kernel, shape, dtype, device, db) or config
     _CACHE[key] = config

@@ -293,6 +293,24 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
 
 # ----------------------------------------------------------------------------- the provider
 
+def test_provider_refuses_an_unusable_stored_config(dirs, monkeypatch):
+    """A hand-edited exact entry with values no launcher takes (found by fuzzing: they reached the
+    launcher) is reported once and the default runs; a usable one is returned."""
+    kernel = _double_kernel("fake_unusable")
+    monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
+    cpu = torch.device("cpu")
+    for i, bad in enumerate(({"B": "abc"}, {"B": 64, "num_warps": -1}, {"B": 64, "num_warps": 3}, {"B": 1.5})):
+        shape = {"T": 5 + 100 * i, "D": 7}
+        TuningDB("cpu").put(kernel.name, shape, torch.float32, _entry(bad, shape=shape))
+        provider.reset()
+        with pytest.warns(RuntimeWarning, match="unusable config"):
+            assert provider.config_provider(kernel.name, shape, torch.float32, cpu) is None
+    good = {"T": 1000, "D": 7}
+    TuningDB("cpu").put(kernel.name, good, torch.float32, _entry({"B": 64, "num_warps": 8}, shape=good))
+    provider.reset()
+    assert provider.config_provider(kernel.name, good, torch.float32, cpu) == {"B": 64, "num_warps": 8}
+
+
 def test_provider_is_cached_no_file_io_after_first_call(dirs, monkeypatch):
     kernel = _double_kernel("fake_cached")
     monkeypatch.setitem(_tuning._REGISTRY, kernel.name, kernel)
