@@ -180,6 +180,9 @@ def _empty(slug: str = "", device: str = "") -> dict:
     return {"format": FORMAT_VERSION, "slug": slug, "device": device, "kernels": {}}
 
 
+_NEWER = "newer than this tritonlab understands"
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -249,20 +252,26 @@ class TuningFile:
         if not _valid(data):
             return None, "not a tuning database (unexpected structure)"
         if data.get("format", FORMAT_VERSION) > FORMAT_VERSION:
-            return None, f"format {data.get('format')} is newer than this tritonlab understands ({FORMAT_VERSION})"
+            return None, f"format {data.get('format')} is {_NEWER} ({FORMAT_VERSION})"
         return data, None
 
     def load(self) -> dict:
-        """The file's contents; an empty database when missing. A corrupted file is reported and set aside."""
+        """The file's contents; an empty database when missing. A corrupted file is reported and set
+        aside; one of a newer format is reported and ignored (left as it is for the newer tritonlab)."""
         data, why = self._read()
         if data is not None:
             return data
+        if _NEWER in why:
+            warnings.warn(f"tuning database {self.path}: {why}; ignoring it", RuntimeWarning, stacklevel=2)
+            return _empty(self.path.stem)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock():
                 data, why = self._read()  # another process may have replaced it meanwhile
                 if data is not None:
                     return data
+                if _NEWER in why:
+                    return _empty(self.path.stem)
                 self._set_aside(why)
         except OSError as e:  # a read-only shipped folder: report and ignore the file
             warnings.warn(f"tuning database {self.path} is unusable ({why}) and could not be set aside ({e}); "
@@ -303,6 +312,8 @@ class TuningFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock():
             data, why = self._read()
+            if data is None and _NEWER in why:
+                raise RuntimeError(f"tuning database {self.path}: {why}; not writing to it")
             if data is None:
                 self._set_aside(why)
                 data = _empty(self.path.stem)

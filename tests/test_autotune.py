@@ -241,6 +241,21 @@ def test_corrupted_file_is_reported_and_set_aside(dirs, garbage):
     assert TuningDB("gpu_test").lookup("k", {"T": 4, "D": 8}, torch.float16) == ({"B": 3}, "exact")
 
 
+def test_newer_format_file_is_ignored_not_set_aside(dirs):
+    """A database written by a newer tritonlab is reported and ignored, and left as it is (it was set
+    aside as corrupted, i.e. renamed); writing to it is refused rather than downgrading it."""
+    user, _ = dirs
+    user.mkdir(parents=True)
+    path = user / "gpu_test.json"
+    text = json.dumps({"format": dbm.FORMAT_VERSION + 1, "kernels": {"k": {"float16": {"T=4": {"config": {"B": 1}}}}}})
+    path.write_text(text)
+    with pytest.warns(RuntimeWarning, match="newer"):
+        assert TuningDB("gpu_test").lookup("k", {"T": 4}, torch.float16) == (None, "none")
+    with pytest.raises(RuntimeError, match="not writing"):
+        TuningFile(path).put("k", "float16", "T=4", _entry({"B": 2}))
+    assert path.read_text() == text and not list(user.glob("gpu_test.json.corrupt-*"))
+
+
 def test_lookup_skips_keys_that_are_not_shapes(dirs):
     """A hand-edited key that is not name=int pairs matches no problem; the lookup goes on (it raised)."""
     user, _ = dirs
