@@ -120,3 +120,8 @@ def test_bfloat16_input_in_both_modes():
         y16, y32 = m(x.bfloat16()), m(x.bfloat16().float())
         assert y16.dtype == torch.bfloat16
         assert (y16.float() - y32).norm() <= 2e-2 * y32.norm()
+
+
+def test_repr_names_the_shape():
+    text = repr(tritonlab.FastFeedForward(24, 7, 10, 4, "gelu", train_hardened=True))
+    assert "input_width=24, leaf_width=7, output_width=10, depth=4, activation='gelu', train_hardened=True" in text

@@ -58,6 +58,11 @@ class FastFeedForward(nn.Module):
             self.master = nn.Sequential(nn.Linear(input_width, master_leaf_width), _Activation(activation),
                                         nn.Linear(master_leaf_width, output_width))
 
+    def extra_repr(self) -> str:
+        return (f"input_width={self.input_width}, leaf_width={self.leaf_width}, output_width={self.output_width}, "
+                f"depth={self.depth}, activation={self.activation!r}, train_hardened={self.train_hardened}, "
+                f"backend={self.backend!r}")
+
     @classmethod
     def from_fastfeedforward(cls, module: nn.Module, *, backend: str = "auto") -> "FastFeedForward":
         """Copy a `fastfeedforward.FFF` (PyPI package 0.2.1) into this layer.
