@@ -513,9 +513,11 @@ class TuningDB:
             *, keep: str = "new") -> str:
         """Write an entry for the problem's bucket to the user file; returns its key."""
         key = shape_key(shape, token_dims_of(kernel))
-        self.user_file.put(kernel, dtype, key, entry, keep=keep)
         view = self._view()
         current = view.setdefault((kernel, dtype_name(dtype)), {}).get(key)
+        if keep == "faster" and current is not None and current[1] == "shipped" and not _faster(entry, current[0]):
+            return key  # the shipped entry is faster: writing a slower user entry would win over it on reload
+        self.user_file.put(kernel, dtype, key, entry, keep=keep)
         if keep != "faster" or current is None or _faster(entry, current[0]):
             view[(kernel, dtype_name(dtype))][key] = (entry, "user")
         return key

@@ -89,6 +89,10 @@ def import_plugins(modules: Iterable[str]) -> None:
         importlib.import_module(name)
 
 
+#: the dtypes the kernels' inputs come in (activations and 8-bit operands)
+TUNABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def plan(kernels: Optional[Sequence[str]] = None, preset: str = "small",
          dtypes: Optional[Sequence[str | torch.dtype]] = None) -> list[Job]:
     """Jobs for the kernels (default: every registered one) over a preset's shapes and the dtypes
@@ -101,6 +105,9 @@ def plan(kernels: Optional[Sequence[str]] = None, preset: str = "small",
     if unknown:
         raise ValueError(f"unknown kernel(s) {unknown}; registered: {sorted(reg)}")
     wanted = [parse_dtype(d) for d in dtypes] if dtypes else None
+    odd = [str(d) for d in wanted or () if d not in TUNABLE_DTYPES]
+    if odd:  # a torch dtype no kernel here takes (e.g. int4): refused before any job fails on it
+        raise ValueError(f"no kernel here takes dtype(s) {odd}; tunable: {[str(d) for d in TUNABLE_DTYPES]}")
     jobs = []
     for name in names:
         kernel = reg[name]

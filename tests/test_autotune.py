@@ -241,6 +241,21 @@ def test_corrupted_file_is_reported_and_set_aside(dirs, garbage):
     assert TuningDB("gpu_test").lookup("k", {"T": 4, "D": 8}, torch.float16) == ({"B": 3}, "exact")
 
 
+def test_keep_faster_agrees_with_a_reload(dirs):
+    """put(keep="faster") against a faster shipped entry writes nothing, so a reload (user file over
+    shipped) still finds the shipped one (found by fuzzing: the slower user entry won after reload)."""
+    user, shipped = dirs
+    TuningFile(shipped / "gpu_test.json").put("k", "float16", "D=8,T=128", _entry({"B": 1}, time_ms=1.0))
+    db = TuningDB("gpu_test")
+    db.put("k", {"T": 128, "D": 8}, torch.float16, _entry({"B": 2}, time_ms=2.0), keep="faster")
+    assert db.lookup("k", {"T": 128, "D": 8}, torch.float16) == ({"B": 1}, "exact")
+    db.reload()
+    assert db.lookup("k", {"T": 128, "D": 8}, torch.float16) == ({"B": 1}, "exact")
+    db.put("k", {"T": 128, "D": 8}, torch.float16, _entry({"B": 3}, time_ms=0.5), keep="faster")
+    db.reload()
+    assert db.lookup("k", {"T": 128, "D": 8}, torch.float16) == ({"B": 3}, "exact")
+
+
 def test_newer_format_file_is_ignored_not_set_aside(dirs):
     """A database written by a newer tritonlab is reported and ignored, and left as it is (it was set
     aside as corrupted, i.e. renamed); writing to it is refused rather than downgrading it."""
@@ -648,6 +663,8 @@ def test_cli_without_gpu_or_interpreter_says_so(dirs, monkeypatch, capsys):
                         ("--budget", "0"), ("--workers", "0")):  # refused before anything is tuned
         assert autotune_main(["--kernel", "tree_route", "--preset", "small", flag, value]) == 2
         assert flag in capsys.readouterr().err
+    assert autotune_main(["--kernel", "tree_route", "--preset", "small", "--dtype", "int16"]) == 2
+    assert "int16" in capsys.readouterr().err
 
 
 def test_cli_merge(dirs, tmp_path, capsys):
