@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (INDEX_DTYPES, cdiv, check_activation, check_backend, check_features, check_optional, check_same_device,
-                        check_same_dtype, check_tensor, check_width, dispatch, fit_pipelined_tiles,
-                        flatten_tokens, new_output, next_pow2, resolve_backend)
+from .._backend import (INDEX_DTYPES, cdiv, check_activation, check_backend, check_features, check_optional,
+                        check_same_device, check_same_dtype, check_tensor, check_width, dispatch,
+                        fit_pipelined_tiles, flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
