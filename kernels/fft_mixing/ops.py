@@ -536,10 +536,19 @@ def _fnet_mix_impl(x: torch.Tensor, backend: str) -> torch.Tensor:
                                and (AUTO_USES_SPLIT or not getattr(plans.dft_plan(x.shape[1]), "split", False))):
         b, s, d = x.shape
         return _fnet_triton(x, _config("fnet_mix", {"B": b, "S": s, "D": d}, x))
-    return fallback.fnet_mix_torch(x).contiguous()  # as the fake promises (a compiled graph relies on it)
+    return fallback.fnet_mix_torch(x)
 
 
-_fnet_mix_op = torch.library.custom_op("tritonlab::fnet_mix", _fnet_mix_impl, mutates_args=())
+# The custom ops return contiguous outputs, the layout their fakes promise (inductor checks the real
+# strides against them). The torch path may return a transposed view (torch.fft.irfft along S does):
+# eager calls, which go straight to the _impl functions, keep it and skip the copy (at B=8, S=1024,
+# D=768 on the CPU it would cost spectral_filter more than its own FFTs).
+
+def _fnet_mix_op_impl(x: torch.Tensor, backend: str) -> torch.Tensor:
+    return _fnet_mix_impl(x, backend).contiguous()
+
+
+_fnet_mix_op = torch.library.custom_op("tritonlab::fnet_mix", _fnet_mix_op_impl, mutates_args=())
 
 
 @_fnet_mix_op.register_fake
@@ -564,10 +573,15 @@ def _spectral_filter_impl(x: torch.Tensor, filt: torch.Tensor, backend: str) -> 
     if _use_triton(backend, plan):
         cfg = _config("spectral_filter", {"B": b, "S": s, "D": d}, x)
         return _conv_triton(x, plan, cfg, filt=filt)
-    return fallback.spectral_filter_torch(x, filt).contiguous()
+    return fallback.spectral_filter_torch(x, filt)
 
 
-_spectral_filter_op = torch.library.custom_op("tritonlab::spectral_filter", _spectral_filter_impl, mutates_args=())
+def _spectral_filter_op_impl(x: torch.Tensor, filt: torch.Tensor, backend: str) -> torch.Tensor:
+    return _spectral_filter_impl(x, filt, backend).contiguous()
+
+
+_spectral_filter_op = torch.library.custom_op("tritonlab::spectral_filter", _spectral_filter_op_impl,
+                                              mutates_args=())
 
 
 @_spectral_filter_op.register_fake
@@ -601,10 +615,14 @@ def _fft_conv_impl(x: torch.Tensor, k: torch.Tensor, causal: bool, backend: str)
     if _use_triton(backend, plan):
         cfg = _config("fft_conv" if causal else "spectral_filter", {"B": b, "S": s, "D": d}, x)
         return _conv_triton(x, plan, cfg, k=k)
-    return fallback.fft_conv_torch(x, k, causal).contiguous()
+    return fallback.fft_conv_torch(x, k, causal)
 
 
-_fft_conv_op = torch.library.custom_op("tritonlab::fft_conv", _fft_conv_impl, mutates_args=())
+def _fft_conv_op_impl(x: torch.Tensor, k: torch.Tensor, causal: bool, backend: str) -> torch.Tensor:
+    return _fft_conv_impl(x, k, causal, backend).contiguous()
+
+
+_fft_conv_op = torch.library.custom_op("tritonlab::fft_conv", _fft_conv_op_impl, mutates_args=())
 
 
 @_fft_conv_op.register_fake
