@@ -183,8 +183,14 @@ class SlotLayout:
             out = cpu_workspace(workspace, (self.rows, x.shape[1]), x.dtype, x.device)
             torch.index_select(x, 0, self.src_token, out=out)
         if zero_padding and self.rows > self.num_tokens * self.topk:
-            out.index_fill_(0, (self.src_slot == self.num_tokens * self.topk).nonzero()[:, 0], 0)
+            out.index_fill_(0, self.padding_rows, 0)
         return out
+
+    @functools.cached_property
+    def padding_rows(self) -> Tensor:
+        """int64 [P - M]: the padding rows' positions (found once per layout: the backward zeroes
+        them in both gathered x and dy, and the search is a host sync on CUDA)."""
+        return (self.src_slot == self.num_tokens * self.topk).nonzero()[:, 0]
 
     def slot_values(self, values: Optional[Tensor], dtype: torch.dtype) -> Tensor:
         """[M] per-slot values (None: all ones) -> [P], zero on padding rows."""
