@@ -173,7 +173,7 @@ def test_quantize_zero_slices_saturation_and_empty(backend, device):
 def test_quantize_tiny_slices_keep_their_values(backend, device, granularity):
     """A slice whose amax / qmax is below the smallest normal float32 gets the floor scale 2**-126
     (1 / scale stays finite): q * scale stays within half a step of x, where a subnormal scale made
-    every q saturate. Values down to 2**-120, normal floats."""
+    every q saturate. Values from 2.5e-38 to 2e-36, all normal floats."""
     for qname in QNAMES:
         x = torch.tensor([[1e-37, 5e-38, 2.5e-38, -3.3e-38], [7e-37, -2e-36, 1e-36, 0.0]], device=device)
         x = x * (QMAX[qname] / 127) if granularity == "row" else x
