@@ -141,7 +141,8 @@ def budgeted(configs: Sequence[Config], objective: Objective, *, max_measurement
     3. Until three configs have run, there is no model: measure the neighbours of the best config
        (one step per parameter either way), or a random config when none has run yet.
     Failed configs (objective None) are never retried and stay out of the model. With `batch` > 1,
-    step 2 measures the `batch` fastest predictions per fit, and `prepare` sees each group first.
+    step 2 measures `batch` configs per fit, and `prepare` sees each group first: a quarter of them
+    the best config's neighbours that the model ranks first, the rest its fastest predictions.
     """
     import numpy as np
 
@@ -188,7 +189,17 @@ def budgeted(configs: Sequence[Config], objective: Objective, *, max_measurement
             y = np.log(np.maximum([t for t, _ in ran], 1e-12))
             w = np.linalg.solve(a.T @ a + ridge, a.T @ y)
             cand = np.array(unmeasured)
-            measure_all([int(i) for i in cand[np.argsort(features[cand] @ w, kind="stable")[:max(1, int(batch))]]])
+            picks = [int(i) for i in cand[np.argsort(features[cand] @ w, kind="stable")]]
+            take = max(1, int(batch))
+            if take > 1:
+                # a batch also steps from the best config so far (a quarter of it, the neighbours the
+                # model ranks first): eight picks from one fit can all follow one wrong extrapolation
+                # (say num_warps=8 everywhere because every sample with 4 was poor elsewhere)
+                failed = {k for k, t in results.items() if t is None}
+                near = set(space.neighbours(min(ran)[1], failed))
+                local = [i for i in picks if i in near][:max(1, take // 4)]
+                picks = local + [i for i in picks if i not in local]
+            measure_all(picks[:take])
             continue
         best = min(((t, i) for t, i in ran if i not in expanded), default=None)
         fresh = []
