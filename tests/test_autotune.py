@@ -442,6 +442,19 @@ def test_budgeted_reaches_95_percent_with_a_quarter_of_the_measurements(kind, ba
         assert best / got >= 0.95, f"seed {seed + trial}: {best / got:.3f} of the exhaustive winner's speed"
 
 
+@pytest.mark.parametrize("seed", [1092162511, 1343504427])
+def test_budgeted_batches_step_from_the_best_config(seed):
+    """Landscapes where every batch of model picks once followed a wrong extrapolation (all at
+    num_warps=8, whose samples happened to be good elsewhere) and stopped at 0.93 of the winner:
+    part of each batch now steps from the best config so far."""
+    rng = random.Random(seed)
+    configs, cost = _landscape(rng, "route")
+    best = min(t for t in search.exhaustive(configs, cost).values() if t is not None)
+    found = search.budgeted(configs, cost, seed=rng.randrange(1000), batch=8, prepare=lambda g: None)
+    assert len(found) <= len(configs) // 4
+    assert best / min(t for t in found.values() if t is not None) >= 0.95
+
+
 def test_exhaustive_prepares_each_chunk_before_measuring_it():
     configs = [{"A": a} for a in range(10)] + [{"A": 3}]  # a duplicate is measured once
     events = []
