@@ -87,6 +87,21 @@ def test_from_fastfeedforward_matches_its_hard_forward(device):
         torch.testing.assert_close(y - theirs.eval_forward(x), mine.b2[leaf], rtol=1e-4, atol=1e-5)
 
 
+def test_from_fastfeedforward_keeps_training_settings(device):
+    """train_hardened, dropout and the train/eval mode carry over: a hardened module in training
+    mode gives their hardened training output; region_leak, which has no equivalent, warns."""
+    fff_pkg = pytest.importorskip("fastfeedforward")
+    theirs = fff_pkg.FFF(13, 5, 7, 4, activation=torch.nn.ReLU(), train_hardened=True).to(device).train()
+    mine = tritonlab.FastFeedForward.from_fastfeedforward(theirs)
+    assert mine.training and mine.train_hardened
+    x = separated_tokens(33, 13, theirs.node_weights.detach(), theirs.node_biases.detach().reshape(-1), torch.float32, device)
+    assert_close(mine(x), theirs(x), 1e-5)
+    leaky = fff_pkg.FFF(13, 5, 7, 2, dropout=0.25, region_leak=0.1).eval()
+    with pytest.warns(UserWarning, match="region_leak"):
+        copied = tritonlab.FastFeedForward.from_fastfeedforward(leaky)
+    assert not copied.training and copied.dropout.p == 0.25 and not copied.train_hardened
+
+
 def test_bad_module_arguments():
     with pytest.raises(ValueError, match="depth"):
         tritonlab.FastFeedForward(8, 4, 8, -1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -69,6 +70,8 @@ class FastFeedForward(nn.Module):
 
         The eval output equals that module's hard-decision forward *including* b2s
         (`training_forward(x, use_hard_decisions=True)`; its `eval_forward` drops b2s).
+        Its `train_hardened`, `dropout` and train/eval mode carry over; `region_leak` (random
+        decision flips while training) has no equivalent here and is dropped with a warning.
         """
         act = module.activation
         if isinstance(act, nn.ReLU):
@@ -80,7 +83,13 @@ class FastFeedForward(nn.Module):
         else:
             raise ValueError(f"module.activation {type(act).__name__} has no kernel equivalent (relu, gelu, silu)")
         depth = int(module.depth.item() if torch.is_tensor(module.depth) else module.depth)
-        out = cls(module.input_width, module.leaf_width, module.output_width, depth, name, backend=backend)
+        if float(getattr(module, "region_leak", 0.0) or 0.0) != 0.0:
+            warnings.warn(f"module.region_leak = {module.region_leak} is not carried over: FastFeedForward trains "
+                          "without region leaks", UserWarning, stacklevel=2)
+        out = cls(module.input_width, module.leaf_width, module.output_width, depth, name, backend=backend,
+                  train_hardened=bool(getattr(module, "train_hardened", False)),
+                  dropout=float(getattr(module, "dropout", 0.0) or 0.0))
+        out.train(module.training)
         with torch.no_grad():
             out.node_weight.copy_(module.node_weights)
             out.node_bias.copy_(module.node_biases.reshape(-1))
