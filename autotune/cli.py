@@ -29,7 +29,7 @@ PRESETS = ("small", "models", "full")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .database import slug_argument
+    from .database import output_file_argument, slug_argument
 
     p.add_argument("--kernel", "-k", nargs="+", action="extend", metavar="K",
                    help="kernels to tune (registered names; default: all)")
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the same pruned space, both timed side by side; --budget then only stops new jobs")
     p.add_argument("--rounds", type=int, default=5, metavar="N",
                    help="with --vs-triton-autotune: interleaved timing rounds per config (default 5)")
-    p.add_argument("--out", default=None, metavar="FILE",
+    p.add_argument("--out", default=None, metavar="FILE", type=output_file_argument,
                    help="with --vs-triton-autotune: also write the table to FILE (.md, .csv or .json), "
                         "rewritten after every job")
 

@@ -430,6 +430,49 @@ def slug_argument(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _creatable(path: Path, what: str) -> None:
+    """argparse error unless `path` can be made: its nearest existing ancestor is a writable folder
+    (the writers create the missing folders in between)."""
+    import argparse
+
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{what} {str(path)!r}: folder {str(parent)!r} is not writable")
+
+
+def output_file_argument(value: str) -> str:
+    """argparse `type` for an output file option: checked before a long run rather than when it
+    writes at the end (not an existing folder; its folder exists or can be created)."""
+    import argparse
+
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"output file {value!r} is an existing folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"output file {value!r} is not writable")
+    _creatable(path, "output file")
+    return value
+
+
+def output_dir_argument(value: str) -> str:
+    """argparse `type` for an output folder option: not an existing file, creatable, writable."""
+    import argparse
+
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"output folder {value!r} is an existing file")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"output folder {value!r} is not writable")
+        return value
+    _creatable(path, "output folder")
+    return value
+
+
 class TuningDB:
     """The tuning database of one device: the shipped file overlaid by the user's file.
 

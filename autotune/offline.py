@@ -285,7 +285,7 @@ def run_check(kernels: Optional[Sequence[str]] = None, preset: str = "models", d
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .database import slug_argument
+    from .database import output_file_argument, slug_argument
 
     p.add_argument("--arch", type=int, default=90,
                    help="compute capability as one number: 80 (A100), 89 (L4/L40), 90 (H100/H200), 100 (B200)")
@@ -297,7 +297,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="each shape's heuristic default, the tuning space the tuner would try on this "
                         "architecture (a survey), or the entries of --slug's tuning database")
     p.add_argument("--slug", default=None, type=slug_argument, help="device slug of the database for --configs tuned")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write every row as JSON")
+    p.add_argument("--json", default=None, metavar="FILE", type=output_file_argument, help="also write every row as JSON")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (it registers more tunable kernels)")
 
@@ -360,5 +360,6 @@ def run(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"  {r.kernel} {r.shape} {r.dtype} {r.config}: {'; '.join(r.problems(limit))}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     return 1 if args.configs != "all" and failed else 0

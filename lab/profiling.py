@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import bench, cases
+from .autotune.database import output_file_argument
 from .report import default_out_dir, resolve_device
 
 #: the heaviest kernels (or CPU ops) listed per row
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to profile")
     parser.add_argument("--calls", type=int, default=20, metavar="N", help="calls per measurement (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    parser.add_argument("--out", default=None, metavar="FILE", help="markdown file (default reports/<slug>/profile.md)")
+    parser.add_argument("--out", default=None, metavar="FILE", type=output_file_argument, help="markdown file (default reports/<slug>/profile.md)")
 
 
 def _sync(device: torch.device) -> None:

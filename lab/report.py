@@ -29,6 +29,7 @@ import torch
 
 from . import bench, cases, plots, roofline
 from .autotune import device_slug, slugify
+from .autotune.database import output_dir_argument
 
 #: a median this much slower (B / A - 1) is a regression in --compare
 DEFAULT_THRESHOLD = 0.10
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=cases.PRESETS, default=None,
                         help="shape preset (default: 'models' on a GPU, 'cpu' on a CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to measure")
-    parser.add_argument("--out", default=None, help="report folder (default reports/<device slug>/)")
+    parser.add_argument("--out", default=None, type=output_dir_argument,
+                        help="report folder (default reports/<device slug>/)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                         help="compare two reports (folders or results.csv): B against A; exit 1 on a regression")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,

@@ -38,7 +38,7 @@ def _run(args: list[str], timeout: int = 600, env: dict | None = None) -> subpro
 
 
 def test_every_kernel_compiles_for_sm90_and_gpu_failures_are_reported(tmp_path):
-    out = tmp_path / "rows.json"
+    out = tmp_path / "new" / "rows.json"  # a folder that does not exist yet is made
     proc = _run(["-m", "tritonlab.cli", "compile-check", "--arch", "90", "--preset", "small",
                  "--import", "compile_check_plugin", "--json", str(out)])
     rows = json.loads(out.read_text())

@@ -368,3 +368,23 @@ def test_profile_of_a_failing_op_is_reported_not_hidden(tmp_path, monkeypatch):
     out = tmp_path / "p.md"
     assert cli_main(["profile", "--kernel", "tree_route", "--preset", "quick", "--out", str(out)]) == 1
     assert "wrong: rel err 3" in out.read_text()
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
+    """An output path that cannot be written is a usage error (exit 2) before anything is measured,
+    not a crash when the results are written at the end."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    bad = [["report", "--out", str(a_file)],                        # a file where a folder is wanted
+           ["report", "--out", str(a_file / "sub")],                # a folder under a file
+           ["profile", "--out", str(tmp_path)],                     # a folder where a file is wanted
+           ["profile", "--out", str(a_file / "p.md")],
+           ["autotune", "--vs-triton-autotune", "--out", str(a_file / "t.md")],
+           ["compile-check", "--json", str(a_file / "rows.json")]]
+    for argv in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert "--out" in err or "--json" in err, argv
+    assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
