@@ -21,3 +21,8 @@ def __getattr__(name: str) -> Any:
         value = globals()[name] = getattr(kernels, name)  # later lookups find it without this function
         return value
     raise AttributeError(f"module 'tritonlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazily re-exported ops and modules too (tab completion, help())."""
+    return sorted(set(globals()) | set(__all__))

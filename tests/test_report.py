@@ -388,3 +388,13 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "--out" in err or "--json" in err, argv
     assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_package_lists_its_public_api():
+    """dir(tritonlab) shows the lazily re-exported ops and modules (tab completion, help())."""
+    import tritonlab
+
+    names = dir(tritonlab)
+    assert set(tritonlab.__all__) <= set(names)
+    for name in ("fff_forward", "gather_matmul_scatter", "scaled_matmul", "fft_conv", "FastFeedForward"):
+        assert name in names and callable(getattr(tritonlab, name))
