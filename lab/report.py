@@ -427,8 +427,10 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = DEFAULT_THRESHO
             all_providers: bool = False) -> pd.DataFrame:
     """Rows present in both, with change = B median / A median - 1 and a `regression` flag:
     slower by more than `threshold`, or ok in A and wrong/failed in B (tritonlab's rows; every
-    provider's with all_providers)."""
+    provider's with all_providers). A key listed twice in one file (results concatenated by hand)
+    counts once, its last row: the later measurement."""
     cols = COMPARE_KEYS + ["role", "status", "median_ms"]
+    a, b = (t.drop_duplicates(COMPARE_KEYS, keep="last") for t in (a, b))
     m = a[cols].merge(b[cols], on=COMPARE_KEYS, suffixes=("_a", "_b"), how="inner")
     m["change"] = m["median_ms_b"] / m["median_ms_a"] - 1.0
     watched = (m["role_b"] == "ours") | bool(all_providers)
@@ -472,9 +474,9 @@ def run_compare(path_a: str, path_b: str, threshold: float = DEFAULT_THRESHOLD, 
     for _, r in m[m["regression"]].iterrows():  # plain lines too: a narrow CI log truncates the table
         change = "" if r["change"] != r["change"] else f" {r['change']:+.1%}"
         print(f"REGRESSION ({r['why']}{change}): {r['kernel']} {r['shape']} {r['dtype']} {r['provider']}")
-    only_a = len(a) - len(m)
+    only_a, only_b = (len(t.drop_duplicates(COMPARE_KEYS)) - len(m) for t in (a, b))
     n_reg = int(m["regression"].sum())
-    console.print(f"{len(m)} rows compared, {only_a} only in A, {len(b) - len(m)} only in B; "
+    console.print(f"{len(m)} rows compared, {only_a} only in A, {only_b} only in B; "
                   f"{n_reg} regression{'s' if n_reg != 1 else ''}")
     return 1 if n_reg else 0
 

@@ -292,6 +292,21 @@ def test_compare_flags_a_planted_regression(tmp_path, capsys):
     assert m["regression"].sum() == 1 and set(m.loc[m["regression"], "why"]) == {"now wrong"}
 
 
+def test_compare_counts_a_repeated_row_once(tmp_path, capsys):
+    """Results concatenated by hand can list a key twice: it is compared once, by its last (later)
+    row, and the only-in counts stay right."""
+    a = roofline.annotate(synthetic_results(), CEILINGS)
+    ours = a.index[(a["role"] == "ours") & (a.index != a.index[0])][0]
+    older = a.loc[[ours]].assign(median_ms=a.loc[ours, "median_ms"] * 3.0)  # an older, slower run of that row
+    b = pd.concat([older, a.iloc[1:]])  # B: that row twice (the older first), A's first row missing
+    a.to_csv(tmp_path / "a.csv", index=False)
+    b.to_csv(tmp_path / "b.csv", index=False)
+    m = report.compare(a, b)
+    assert len(m) == len(a) - 1 and not m["regression"].any()  # the later row is A's own time
+    assert cli_main(["report", "--compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+    assert f"{len(a) - 1} rows compared, 1 only in A, 0 only in B" in " ".join(capsys.readouterr().out.split())
+
+
 def test_compare_that_cannot_be_made_exits_2(tmp_path, capsys):
     """Exit 1 means regressions; a comparison that could not be made is 2 with a message, never a
     traceback (found by fuzzing: pandas errors surfaced with status 1, and an empty B passed)."""
