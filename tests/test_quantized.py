@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import tritonlab
-from tritonlab.kernels._tuning import registered
+from tritonlab.kernels import _backend
+from tritonlab.kernels._tuning import NotApplicable, registered
 from tritonlab.kernels.quantized import ops
 from tritonlab.kernels.quantized import reference as ref
 from tritonlab.kernels.quantized.ops import quantized_to_numpy
@@ -332,13 +333,37 @@ def test_paths_are_reported(device):
         assert tritonlab.kernels.quantized.scaled_matmul_path(a_q, a_q, backend="torch") in (
             "torch-int8-exact", "torch-int_mm", "torch-fp8-upcast")
         path = tritonlab.kernels.quantized.scaled_matmul_path(a_q, a_q, backend="triton")
-        fp8_ok = qname == "int8" or ops.fp8_supported(torch.device(device))
-        assert path == ("triton" if fp8_ok else "torch-fp8-upcast")
-        expected = "triton" if fp8_ok else "torch"
+        if qname == "int8":
+            assert path in (("triton",) if ops.int8_gemm_supported(torch.device(device))
+                            else ("torch-int_mm", "torch-int8-exact"))
+        else:
+            assert path == ("triton" if ops.fp8_supported(torch.device(device)) else "torch-fp8-upcast")
+        expected = "triton" if qname == "int8" or ops.fp8_supported(torch.device(device)) else "torch"
         assert tritonlab.kernels.quantized.quantize_path(x, qname, backend="triton") == expected
     if device.type == "cpu":
         a_q, _ = tritonlab.quantize(x, "int8", backend="torch")
         assert tritonlab.kernels.quantized.scaled_matmul_path(a_q, a_q, backend="auto") == "torch-int8-exact"
+
+
+@pytest.mark.parametrize("arch, int8_gemm, fp8", [(75, False, False), (80, True, False), (89, True, True), (90, True, True)])
+def test_paths_follow_the_hardware(monkeypatch, arch, int8_gemm, fp8):
+    """Answered for a compile target: Triton cannot lower an int8 dot below sm_80 (every config
+    fails to compile for sm_75), so the int8 GEMM takes a torch path there; the int8 quantize has no
+    dot and stays; fp8 needs sm_89."""
+    monkeypatch.setattr(_backend, "_compile_target", _backend.CompileTarget(arch=arch, shared_memory=64 * 1024))
+    x = torch.randn(8, 32)
+    cpu = torch.device("cpu")
+    assert ops.int8_gemm_supported(cpu) == int8_gemm and ops.fp8_supported(cpu) == fp8
+    for qname in QNAMES:
+        a_q, _ = ops.fallback.quantize_torch(x, qname, "row")
+        runs = int8_gemm if qname == "int8" else fp8
+        path = ops.scaled_matmul_path(a_q, a_q, backend="triton")
+        assert (path == "triton") == runs, (qname, path)
+        assert ops.quantize_path(x, qname, backend="triton") == ("triton" if qname == "int8" or fp8 else "torch")
+    inputs = registered()["scaled_matmul"].make_inputs
+    if not int8_gemm:
+        with pytest.raises(NotApplicable, match="8.0"):
+            inputs({"M": 16, "N": 16, "K": 16}, torch.int8, cpu)
 
 
 # ----------------------------------------------------------------------------- QuantizedFFN

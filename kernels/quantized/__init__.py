@@ -4,6 +4,7 @@ Files: triton_kernels.py (the @triton.jit kernels), ops.py (public ops, launcher
 custom-op and tuning registration), fallback.py (torch), reference.py (NumPy), module.py (nn.Module).
 """
 from .module import QuantizedFFN
-from .ops import fp8_supported, quantize, quantize_path, scaled_matmul, scaled_matmul_path
+from .ops import fp8_supported, int8_gemm_supported, quantize, quantize_path, scaled_matmul, scaled_matmul_path
 
-__all__ = ["quantize", "scaled_matmul", "QuantizedFFN", "quantize_path", "scaled_matmul_path", "fp8_supported"]
+__all__ = ["quantize", "scaled_matmul", "QuantizedFFN", "quantize_path", "scaled_matmul_path", "fp8_supported",
+           "int8_gemm_supported"]

@@ -9,19 +9,21 @@ skip the dispatcher and run the ops' implementations directly (`_backend.dispatc
 of microseconds of host time a call, and these ops have no autograd to record).
 
 Paths (which implementation runs; `quantize_path` / `scaled_matmul_path` answer without running):
-- "triton": the Triton kernels (int8 anywhere Triton runs; fp8 only where the hardware has FP8,
-  CUDA compute capability >= 8.9, or under the interpreter).
+- "triton": the Triton kernels (the int8 quantize anywhere Triton runs, the int8 GEMM from CUDA
+  compute capability 8.0; fp8 only where the hardware has FP8, compute capability >= 8.9; all of
+  them under the interpreter).
 - "torch-int8-exact": int8 GEMM as exact float32 K-chunk matmuls (the CPU path).
 - "torch-int_mm": int8 GEMM through torch._int_mm (CUDA, when its shape limits allow).
 - "torch-fp8-upcast": fp8 GEMM on the exact float32 upcast (CPU, GPUs without FP8, ROCm).
 - "torch": quantize through torch ops.
 `backend="triton"` with fp8 on hardware without FP8 falls back to "torch-fp8-upcast" (the numbers
-agree within the float32 summation error); the path functions say so.
+agree within the float32 summation error), and an int8 GEMM below compute capability 8.0 to the
+torch int8 paths (exact either way); the path functions say so.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -77,25 +79,42 @@ def fp8_supported(device: torch.device) -> bool:
     return interpreting()
 
 
-def _kernel_backend(backend: str, device: torch.device, is_fp8: bool) -> str:
-    """resolve_backend, then fp8 falls back to torch where the hardware has no FP8."""
+def int8_gemm_supported(device: torch.device) -> bool:
+    """The int8 GEMM kernel runs on CUDA compute capability >= 8.0 (Ampere on), on ROCm and in the
+    interpreter. Below 8.0 (Turing: T4, RTX 20xx) Triton cannot lower an int8 tl.dot: every config
+    fails in its TritonGPUAccelerateMatmul pass (`tritonlab compile-check --arch 75`). The int8
+    quantize kernel has no dot and runs there."""
+    target = compile_target()
+    if target is not None:
+        return target.capability >= (8, 0)
+    if device.type == "cuda":
+        return bool(getattr(torch.version, "hip", None)) or torch.cuda.get_device_capability(device) >= (8, 0)
+    return interpreting()
+
+
+def _kernel_backend(backend: str, device: torch.device, kernel_runs_here: Callable[[torch.device], bool]) -> str:
+    """resolve_backend, then torch where the hardware cannot run the kernel (fp8 without FP8, the
+    int8 GEMM below compute capability 8.0)."""
     chosen = resolve_backend(backend, device)
-    if chosen == "triton" and is_fp8 and not fp8_supported(device):
+    if chosen == "triton" and not kernel_runs_here(device):
         return "torch"
     return chosen
 
 
+def _quantize_runs_on(qname: str) -> Callable[[torch.device], bool]:
+    return (lambda device: True) if qname == "int8" else fp8_supported
+
+
 def quantize_path(x: torch.Tensor, dtype: QuantDType, *, backend: str = "auto") -> str:
     """'triton' or 'torch': which implementation `quantize(x, dtype, backend=backend)` runs."""
-    qname = _qname(dtype)
-    return _kernel_backend(backend, x.device, qname != "int8")
+    return _kernel_backend(backend, x.device, _quantize_runs_on(_qname(dtype)))
 
 
 def scaled_matmul_path(a_q: torch.Tensor, b_q: torch.Tensor, *, backend: str = "auto") -> str:
     """Which implementation `scaled_matmul(a_q, ..., b_q, ...)` runs: 'triton', 'torch-int8-exact',
     'torch-int_mm' or 'torch-fp8-upcast' (see the module docstring)."""
     is_fp8 = a_q.dtype != torch.int8
-    if _kernel_backend(backend, a_q.device, is_fp8) == "triton":
+    if _kernel_backend(backend, a_q.device, fp8_supported if is_fp8 else int8_gemm_supported) == "triton":
         return "triton"
     if is_fp8:
         return "torch-fp8-upcast"
@@ -257,7 +276,7 @@ def _scale_shape(granularity: str, m: int, n: int) -> tuple[int, ...]:
 
 
 def _quantize_impl(x: torch.Tensor, qname: str, granularity: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if _kernel_backend(backend, x.device, qname != "int8") == "triton":
+    if _kernel_backend(backend, x.device, _quantize_runs_on(qname)) == "triton":
         return _quantize_triton(x, qname, granularity)
     return fallback.quantize_torch(x, qname, granularity)
 
@@ -457,6 +476,8 @@ def _mm_inputs(shape, dtype, device):
     if qname.startswith("fp8") and not fp8_supported(device):
         raise NotApplicable(f"{qname} GEMMs need compute capability >= 8.9 (Ada, Hopper, Blackwell): "
                             "Triton has no e4m3 type below it")
+    if qname == "int8" and not int8_gemm_supported(device):
+        raise NotApplicable("int8 GEMMs need compute capability >= 8.0: Triton cannot lower an int8 dot below it")
     x = torch.randn(shape["M"], shape["K"], generator=g).to(device)
     w = (shape["K"] ** -0.5 * torch.randn(shape["N"], shape["K"], generator=g)).to(device)
     a_q, a_s = fallback.quantize_torch(x, qname, "row")
