@@ -39,6 +39,7 @@ A lookup takes, in order:
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -422,8 +423,6 @@ def check_slug(slug: object) -> str:
 
 def slug_argument(value: str) -> str:
     """argparse `type` for --slug options: check_slug's error as a usage error (exit 2, no traceback)."""
-    import argparse
-
     try:
         return check_slug(value)
     except ValueError as e:
@@ -433,8 +432,6 @@ def slug_argument(value: str) -> str:
 def _creatable(path: Path, what: str) -> None:
     """argparse error unless `path` can be made: its nearest existing ancestor is a writable folder
     (the writers create the missing folders in between)."""
-    import argparse
-
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -447,8 +444,6 @@ def _creatable(path: Path, what: str) -> None:
 def output_file_argument(value: str) -> str:
     """argparse `type` for an output file option: checked before a long run rather than when it
     writes at the end (not an existing folder; its folder exists or can be created)."""
-    import argparse
-
     path = Path(value)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"output file {value!r} is an existing folder")
@@ -460,8 +455,6 @@ def output_file_argument(value: str) -> str:
 
 def output_dir_argument(value: str) -> str:
     """argparse `type` for an output folder option: not an existing file, creatable, writable."""
-    import argparse
-
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"output folder {value!r} is an existing file")
