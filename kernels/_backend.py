@@ -215,6 +215,18 @@ def flatten_tokens(name: str, x: torch.Tensor, width: int | None = None) -> tupl
     return x.reshape(-1, x.shape[-1]).contiguous(), lead
 
 
+def empty_result(shape: Sequence[int], like: torch.Tensor, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Zeros of `shape` (an op's output for a batch without elements) in like's dtype and device,
+    still joined to the autograd graph of `inputs` (None skipped, complex ones through their real
+    part): a training step on an empty batch then gives them zero gradients instead of failing in
+    backward."""
+    y = like.new_zeros(tuple(shape))
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            y = y + (t.real if t.is_complex() else t).sum().to(y.dtype) * 0
+    return y
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= max(n, 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()

@@ -306,6 +306,18 @@ def test_empty_batches(backend, device):
     assert y.shape == (2, 0, 5) and counts.sum() == 0
     w_in, _ = tree(2, 10, torch.float32, device, extra_level=True)
     assert tritonlab.fff_path_forward(rand(0, 10, device=device), w_in, rand(7, 4, device=device), backend=backend).shape == (0, 4)
+    # a training step on an empty batch: zero gradients, no error in backward (the README's promise)
+    x = rand(3, 0, 10, device=device).requires_grad_()
+    params = [t.clone().requires_grad_() for t in (w1, b1, w2, b2, w_in)]
+    w_out = rand(7, 4, device=device).requires_grad_()
+    loss = (tritonlab.fff_forward(x, nw, nb, *params[:4], backend=backend).sum()
+            + tritonlab.fff_path_forward(x, params[4], w_out, backend=backend).sum())
+    loss.backward()
+    for t in [x, w_out] + params:
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.abs().sum()
+    layer = tritonlab.FastFeedForward(10, 3, 5, 2, backend=backend).to(device).eval()
+    layer(x).sum().backward()
+    assert layer.w1.grad is not None and not layer.w1.grad.abs().sum()
 
 
 def _bad_calls():

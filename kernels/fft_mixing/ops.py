@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .._accuracy import TF32_TOLERANCE, rel_error, tolerance
-from .._backend import FLOAT_DTYPES, cdiv, check_backend, check_same_device, dispatch, new_output, resolve_backend
+from .._backend import (FLOAT_DTYPES, cdiv, check_backend, check_same_device, dispatch, empty_result, new_output,
+                        resolve_backend)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, plans, reference
@@ -651,16 +652,6 @@ torch.library.register_autograd("tritonlab::fft_conv", _conv_backward, setup_con
 
 # ----------------------------------------------------------------------------- public API
 
-def _empty_result(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-    """The (empty) output for an x without elements, still joined to the autograd graph of x and of
-    the filter or kernel, so that a training step on an empty batch gives them zero gradients
-    instead of failing in backward."""
-    y = x * 0
-    for p in params:
-        y = y + (p.real if p.is_complex() else p).sum().to(x.dtype) * 0
-    return y
-
-
 def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """FNet token mixing: Re(FFT_S(FFT_D(x))), the real part of the 2-D DFT over the last two dims.
 
@@ -674,7 +665,7 @@ def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     check_backend(backend)  # also for empty inputs, which return before a backend is picked
     _check_x(x)
     if x.numel() == 0:
-        return _empty_result(x)
+        return empty_result(x.shape, x, x)
     chosen = _choose_backend(backend, x, True, "fnet_mix")
     return dispatch(_fnet_mix_op, _fnet_mix_impl, _as_batch(x), chosen, needs_autograd=True).reshape(x.shape)
 
@@ -709,7 +700,7 @@ def spectral_filter(x: torch.Tensor, filt: torch.Tensor, *, backend: str = "auto
                          f"for x of shape {tuple(x.shape)}, got {tuple(filt.shape)}")
     check_same_device(x=x, filt=filt)
     if x.numel() == 0:
-        return _empty_result(x, filt)
+        return empty_result(x.shape, x, x, filt)
     f3 = filt.reshape(-1, s // 2 + 1, d).contiguous()
     chosen = _choose_backend(backend, x, plans.has_conv_plan(s, False), "spectral_filter")
     return dispatch(_spectral_filter_op, _spectral_filter_impl, _as_batch(x), f3, chosen,
@@ -746,7 +737,7 @@ def fft_conv(x: torch.Tensor, k: torch.Tensor, causal: bool = True, *, backend: 
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     check_same_device(x=x, k=k)
     if x.numel() == 0:
-        return _empty_result(x, k)
+        return empty_result(x.shape, x, x, k)
     chosen = _choose_backend(backend, x, plans.has_conv_plan(s, causal), "fft_conv")
     return dispatch(_fft_conv_op, _fft_conv_impl, _as_batch(x), k.contiguous(), causal, chosen,
                     needs_autograd=True).reshape(x.shape)

@@ -15,7 +15,7 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (cdiv, check_activation, check_backend, check_features, check_optional, check_same_device,
-                        check_same_dtype, check_tensor, check_width, dispatch, flatten_tokens, new_output,
+                        check_same_dtype, check_tensor, check_width, dispatch, empty_result, flatten_tokens, new_output,
                         next_pow2, resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
@@ -370,7 +370,7 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
     check_same_device(x=x, node_weight=node_weight, node_bias=node_bias, w1=w1, b1=b1, w2=w2, b2=b2)
     x2, lead = flatten_tokens("x", x)
     if x2.shape[0] == 0:
-        y = x.new_zeros(*lead, o)
+        y = empty_result((*lead, o), x, x, w1, b1, w2, b2)
         leaf = torch.zeros(0, dtype=torch.int64, device=x.device)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
         # training through the hard tree: the route (piecewise constant: no gradient reaches the node
@@ -413,7 +413,7 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
     x2, lead = flatten_tokens("x", x)
     o = w_out.shape[1]
     if x2.shape[0] == 0:
-        return x.new_zeros(*lead, o)
+        return empty_result((*lead, o), x, x, w_in, w_out, b_in)
     y = dispatch(_fff_path_forward_op, _fff_path_forward_impl, x2, w_in.contiguous(), w_out.contiguous(),
                  None if b_in is None else b_in.contiguous(), activation or "none", backend, needs_autograd=True)
     return y.reshape(*lead, o)
