@@ -281,6 +281,24 @@ def test_fff_path_forward_backward(backend, device, act, bias, t):
                 formula, [x, w_in, w_out, b_in], rand(t, o, device=device))
 
 
+def test_fff_path_forward_backward_follows_the_forward_path(backend, device):
+    """Tokens on a node's hyperplane (root logit within rounding of 0), where two walks that sum in
+    different orders may branch differently: the backward must differentiate the path the forward
+    took. Without an activation y is linear in w_out along that path, so sum(y) = <dL/dw_out, w_out>
+    for L = sum(y); a gradient taken along another path breaks the equality by order-1 terms (the
+    Triton backward once re-walked the tree with the torch walk: 12 of 50 such tokens failed)."""
+    depth, d, o, t = 3, 33, 4, 50
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    w_in = torch.randn(2 ** (depth + 1) - 1, d, generator=g)
+    x = torch.randn(t, d, generator=g).double()
+    x[:, 0] = -(x[:, 1:] @ w_in[0, 1:].double()) / w_in[0, 0].double()  # root logit ~ 0
+    x, w_in = x.float().to(device), w_in.to(device)
+    w_out = torch.randn(w_in.shape[0], o, generator=g).to(device).requires_grad_()
+    y = tritonlab.fff_path_forward(x, w_in, w_out, None, None, backend=backend)
+    y.sum().backward()
+    assert torch.allclose(y.sum().double(), (w_out.grad.double() * w_out.detach().double()).sum(), rtol=1e-4, atol=1e-3)
+
+
 def _logit_rounding_bound(x, w_in, w_out, b_in, expected) -> float:
     """Relative output error that float32 rounding of the path logits alone can cause.
 

@@ -48,7 +48,7 @@ def _dense_levels(tokens: int, levels: int) -> int:
     return min(levels, 8, max(4, int(math.log2(max(1, 2**14 // max(tokens, 1))))))
 
 
-def _gathered_dot(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def gathered_dot(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """[T]: x[t] . weight[rows[t]] + bias[rows[t]], for float32 x [T, D], weight [N, D], rows [T] int64."""
     t = x.shape[0]
     if x.device.type == "cpu" and t >= SAMPLED_DOT_MIN_TOKENS:
@@ -88,7 +88,7 @@ def tree_walk_torch(x: torch.Tensor, node_weight: torch.Tensor, node_bias: torch
             node = successor.gather(1, node)
     node = node[:, 0]
     for level in range(top, levels):
-        logit = _gathered_dot(xf, node, wf, bf)
+        logit = gathered_dot(xf, node, wf, bf)
         if record_path:
             path_nodes[:, level], path_logits[:, level] = node, logit
         node = 2 * node + 1 + (logit >= 0)
@@ -112,4 +112,4 @@ def fff_path_forward_torch(x, w_in, w_out, b_in, activation):
     coeff = torch_activation(logits, activation)
     # a weighted sum of gathered w_out rows without materializing [T, levels, O]
     y = F.embedding_bag(nodes, w_out.float(), per_sample_weights=coeff, mode="sum")
-    return y.to(x.dtype)
+    return y.to(x.dtype), nodes.to(torch.int32)

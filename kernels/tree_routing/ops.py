@@ -210,7 +210,7 @@ def _path_forward_triton(x, w_in, w_out, b_in, activation):
     path_accumulate_kernel[grid](nodes, logits, w_out, y, t, o, w_out.stride(0), y.stride(0),
                                  LEVELS=levels, ACT=check_activation(activation),
                                  BLOCK_T=block_t, BLOCK_O=block_o, num_warps=4)
-    return y
+    return y, nodes
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -252,7 +252,9 @@ def _(x, node_weight, node_bias, w1, b1, w2, b2, activation, backend):
 
 
 def _fff_path_forward_impl(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: Optional[torch.Tensor],
-                         activation: str, backend: str) -> torch.Tensor:
+                         activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, the visited nodes [T, levels]): the backward differentiates along the path the forward
+    took, which a second walk could leave where a logit is within rounding of 0."""
     if resolve_backend(backend, x.device) == "triton":
         return _path_forward_triton(x, w_in, w_out, b_in, activation)
     return fallback.fff_path_forward_torch(x, w_in, w_out, b_in, activation)
@@ -263,24 +265,28 @@ _fff_path_forward_op = torch.library.custom_op("tritonlab::fff_path_forward", _f
 
 @_fff_path_forward_op.register_fake
 def _(x, w_in, w_out, b_in, activation, backend):
-    return x.new_empty(x.shape[0], w_out.shape[1])
+    levels = (w_in.shape[0] + 1).bit_length() - 1
+    return x.new_empty(x.shape[0], w_out.shape[1]), x.new_empty(x.shape[0], levels, dtype=torch.int32)
 
 
 def _path_setup_context(ctx, inputs, output):
     x, w_in, w_out, b_in, activation, backend = inputs
-    ctx.save_for_backward(x, w_in, w_out, b_in)
+    ctx.save_for_backward(x, w_in, w_out, b_in, output[1])
     ctx.activation = activation
 
 
-def _path_backward(ctx, grad):
+def _path_backward(ctx, grad, _grad_nodes):
     """Gradients of y = sum_l act(logit_l) w_out[node_l] through the logits (the path itself, a
-    piecewise-constant choice, has zero derivative): the walk is recomputed (cheap) and every sum
-    runs per level, vectorized over tokens, in float32 on any backend."""
-    x, w_in, w_out, b_in = ctx.saved_tensors
-    levels = (w_in.shape[0] + 1).bit_length() - 1
-    _, nodes, logits = fallback.tree_walk_torch(x, w_in, b_in, levels, record_path=True)
-    coeff, slope = activation_and_grad(logits, ctx.activation)
+    piecewise-constant choice, has zero derivative), along the nodes the forward visited; the
+    logits are recomputed there and every sum runs per level, vectorized over tokens, in float32
+    on any backend."""
+    x, w_in, w_out, b_in, nodes = ctx.saved_tensors
+    levels = nodes.shape[1]
     dy, xf, wi, wo = grad.float(), x.float(), w_in.float(), w_out.float()
+    bi = None if b_in is None else b_in.float()
+    nodes = nodes.long()
+    logits = torch.stack([fallback.gathered_dot(xf, nodes[:, lvl], wi, bi) for lvl in range(levels)], 1)
+    coeff, slope = activation_and_grad(logits, ctx.activation)
     dx, dw_in, dw_out = torch.zeros_like(xf), torch.zeros_like(wi), torch.zeros_like(wo)
     db_in = torch.zeros(w_in.shape[0], dtype=torch.float32, device=x.device)
     for lvl in range(levels):
@@ -414,8 +420,8 @@ def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b
     o = w_out.shape[1]
     if x2.shape[0] == 0:
         return empty_result((*lead, o), x, x, w_in, w_out, b_in)
-    y = dispatch(_fff_path_forward_op, _fff_path_forward_impl, x2, w_in.contiguous(), w_out.contiguous(),
-                 None if b_in is None else b_in.contiguous(), activation or "none", backend, needs_autograd=True)
+    y, _ = dispatch(_fff_path_forward_op, _fff_path_forward_impl, x2, w_in.contiguous(), w_out.contiguous(),
+                    None if b_in is None else b_in.contiguous(), activation or "none", backend, needs_autograd=True)
     return y.reshape(*lead, o)
 
 
