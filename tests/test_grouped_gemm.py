@@ -684,3 +684,14 @@ def test_a_nan_token_spoils_only_its_own_groups_gradients(backend, device, k):
         bad = {i for i in range(g) if not torch.isfinite(grad[i]).all()}
         assert bad == hit, (bad, hit)
     assert torch.isfinite(xg.grad[1:]).all() and not torch.isfinite(xg.grad[0]).all()
+
+
+@pytest.mark.parametrize("name", ["grouped_gemm", "grouped_wgrad", "leaf_mlp_fused"])
+def test_tuner_inputs_with_more_choices_than_groups(name, device):
+    """A tuned shape may ask for k > G choices per token (ids then repeat): the tuner's inputs
+    must still be consistent, or every config would fail its check (found by fuzzing: the builder
+    gave min(k, G) ids per token while the route weights had k)."""
+    kernel = registered()[name]
+    shape = dict(kernel.presets["small"][0], k=3, G=2)
+    inp = kernel.make_inputs(shape, torch.float32, device)
+    assert kernel.error(inp, kernel.run(inp, kernel.default(shape))) <= kernel.tolerance(torch.float32)

@@ -705,8 +705,9 @@ def _model_shapes(tokens) -> list[dict]:
 
 
 def _random_indices(t: int, k: int, g: int, gen: torch.Generator, device) -> Tensor:
-    """[T, k] distinct group ids per token (uniform routing)."""
-    if g <= 4096:
+    """[T, k] group ids per token (uniform routing), distinct where k <= G (a tuned shape may ask
+    for more choices than groups: then ids repeat, which the ops allow)."""
+    if k <= g <= 4096:
         return torch.rand(t, g, generator=gen, device=device).argsort(1)[:, :k].contiguous()
     return torch.randint(0, g, (t, k), generator=gen, device=device)
 
