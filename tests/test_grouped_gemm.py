@@ -695,3 +695,17 @@ def test_tuner_inputs_with_more_choices_than_groups(name, device):
     shape = dict(kernel.presets["small"][0], k=3, G=2)
     inp = kernel.make_inputs(shape, torch.float32, device)
     assert kernel.error(inp, kernel.run(inp, kernel.default(shape))) <= kernel.tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("name, narrow", [("grouped_gemm", {"D": 12, "N": 16}), ("grouped_wgrad", {"D": 12, "N": 9}),
+                                          ("leaf_mlp_fused", {"D": 12, "N": 16})])
+def test_tuning_spaces_cover_narrow_shapes(name, narrow, device):
+    """Widths of 16 or less (an FFF leaf of width 16) still get configs to tune, and they run right:
+    the spaces started at 32-wide blocks and came out empty there."""
+    kernel = registered()[name]
+    shape = dict(kernel.presets["small"][0], **narrow)
+    space = kernel.space(shape)
+    assert space
+    inp = kernel.make_inputs(shape, torch.float32, device)
+    for config in (space[0], space[len(space) // 2], space[-1]):
+        assert kernel.error(inp, kernel.run(inp, config)) <= kernel.tolerance(torch.float32), config

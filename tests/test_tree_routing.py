@@ -299,6 +299,19 @@ def test_fff_path_forward_backward_follows_the_forward_path(backend, device):
     assert torch.allclose(y.sum().double(), (w_out.grad.double() * w_out.detach().double()).sum(), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_decode_tuning_space_covers_narrow_layers(device, t):
+    """fff_decode's space has tile configs for D <= 16 and O <= 32 (it had none there, and nothing
+    at all at T = 1), and they run right."""
+    kernel = registered()["fff_decode"]
+    shape = {"T": t, "D": 12, "H": 16, "O": 20, "depth": 3}
+    tiles = [c for c in kernel.space(shape) if not c.get("GROUPED")]
+    assert tiles
+    inp = kernel.make_inputs(shape, torch.float32, device)
+    for config in (tiles[0], tiles[-1]):
+        assert kernel.error(inp, kernel.run(inp, config)) <= kernel.tolerance(torch.float32), config
+
+
 def _logit_rounding_bound(x, w_in, w_out, b_in, expected) -> float:
     """Relative output error that float32 rounding of the path logits alone can cause.
 

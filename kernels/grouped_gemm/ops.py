@@ -162,7 +162,9 @@ def _gemm_default(shape) -> dict:
 def _gemm_space(shape) -> list[dict]:
     m, d, n, gated = shape["T"] * shape["k"], shape["D"], shape["N"], shape.get("gated", 0)
     out = []
-    for bm, bn, bk, nw, ns in itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
+    small = (16,)  # 16-wide blocks only where the problem is that narrow (else the space would be empty)
+    for bm, bn, bk, nw, ns in itertools.product((16, 32, 64, 128), (small if n <= 16 else ()) + (32, 64, 128, 256),
+                                                (small if d <= 16 else ()) + (32, 64, 128), (4, 8), (2, 3, 4)):
         if bm > max(16, next_pow2(m)) or bn > max(16, next_pow2(n)) or bk > max(16, next_pow2(d)):
             continue
         if bm * bn * (1 + gated) > 128 * 256 or (bm * bk + bk * bn * (1 + gated)) * 2 * ns > 200 * 1024:
@@ -179,7 +181,10 @@ def _wgrad_default(shape) -> dict:
 
 def _wgrad_space(shape) -> list[dict]:
     out = []
-    for bd, bn, br, nw, ns in itertools.product((32, 64, 128), (32, 64, 128), (16, 32, 64), (4, 8), (2, 3, 4)):
+    small = (16,)  # as in _gemm_space
+    for bd, bn, br, nw, ns in itertools.product((small if shape["D"] <= 16 else ()) + (32, 64, 128),
+                                                (small if shape["N"] <= 16 else ()) + (32, 64, 128),
+                                                (16, 32, 64), (4, 8), (2, 3, 4)):
         if bd > max(16, next_pow2(shape["D"])) or bn > max(16, next_pow2(shape["N"])):
             continue
         if (bd * br + br * bn) * 2 * ns > 200 * 1024:

@@ -119,7 +119,9 @@ def _fused_default(shape) -> dict:
 
 def _fused_space(shape) -> list[dict]:
     out = []
-    for bd, bh, bo, nw in itertools.product((32, 64, 128), (16, 32, 64), (64, 128, 256), (2, 4, 8)):
+    # narrow tiles only where the problem is that narrow (else the space would be empty)
+    narrow_d, narrow_o = (16,) if shape["D"] <= 16 else (), (16, 32) if shape["O"] <= 32 else ()
+    for bd, bh, bo, nw in itertools.product(narrow_d + (32, 64, 128), (16, 32, 64), narrow_o + (64, 128, 256), (2, 4, 8)):
         if bd > max(16, next_pow2(shape["D"])) or bh > max(16, next_pow2(shape["H"])) or bo > max(16, next_pow2(shape["O"])):
             continue
         if bd * bh > 8192 or bh * bo > 16384:  # register tiles beyond this spill
