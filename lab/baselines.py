@@ -212,9 +212,12 @@ def int_mm_scaled(a_q: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b
 
 
 def scaled_mm_rowwise(a_q: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
-                      out_dtype: torch.dtype) -> torch.Tensor:
-    """torch._scaled_mm with row-wise scales ([M, 1] and [1, N]); b_t is b_q.T (column-major [K, N])."""
-    return torch._scaled_mm(a_q, b_t, scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+                      out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """torch._scaled_mm with row-wise scales ([M, 1] and [1, N]) and the bias in its epilogue; b_t is
+    b_q.T (column-major [K, N]). Fast accumulation, as our kernel's fp8 dots get on sm_90 (Triton's
+    max_num_imprecise_acc default there), so that both sides do the same work."""
+    return torch._scaled_mm(a_q, b_t, scale_a=a_scale, scale_b=b_scale, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=True)
 
 
 # ----------------------------------------------------------------------------- FFT mixing

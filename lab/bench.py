@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cases import CHECK_ELEMENTS, CHECK_ROWS, Case, Prepared, Provider, Unavailable, default_error, shape_label
+from .cases import (CHECK_ELEMENTS, CHECK_ROWS, OWN_FALLBACK, Case, Prepared, Provider, Unavailable, default_error,
+                    shape_label)
 from .kernels._accuracy import to_numpy
 
 RESULT_COLUMNS = [
@@ -471,9 +472,10 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
     """Throughput and speedups.
 
     tflops/gbps: the case's stated FLOPs and bytes over the median time. primary_baseline: the first
-    baseline (in the case's order) that ran ok; speedup = its median / this row's median (so our
-    row says how much faster we are than the primary baseline); ours_speedup (baseline rows) =
-    this baseline's median / our median, our speedup over each baseline.
+    baseline (in the case's order) that ran ok, other than OWN_FALLBACK unless it is the only one;
+    speedup = its median / this row's median (so our row says how much faster we are than the
+    primary baseline); ours_speedup (baseline rows) = this baseline's median / our median, our
+    speedup over each baseline.
     """
     df = df.copy()
     t = df["median_ms"] * 1e-3
@@ -488,7 +490,8 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
         ours = ok[ok["role"] == "ours"]
         base = ok[ok["role"] == "baseline"]
         if len(base):
-            primary = base.iloc[0]
+            external = base[base["provider"] != OWN_FALLBACK]
+            primary = (external if len(external) else base).iloc[0]
             df.loc[group.index, "primary_baseline"] = primary["provider"]
             df.loc[ok.index, "speedup"] = primary["median_ms"] / ok["median_ms"]
         if len(ours):

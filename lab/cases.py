@@ -53,6 +53,12 @@ class Unavailable(Exception):
     """A provider cannot run here (no such torch op, hardware too old, ...): reported as skipped."""
 
 
+#: our own torch fallback as a provider (a GPU report times it beside the kernels): a baseline row,
+#: but never the primary one while another baseline ran (bench.finalize), since it is not what a
+#: user would pick instead of tritonlab
+OWN_FALLBACK = "tritonlab-torch"
+
+
 @dataclass
 class Prepared:
     """A provider made ready for one input set: `fn()` is what gets timed."""
@@ -225,7 +231,7 @@ def ours(name: str, call: Callable[[Callable, dict, str], Any], graph_safe: bool
         return _setup
 
     provs = [Provider("tritonlab", "ours", setup("auto"), graph_safe=graph_safe),
-             Provider("tritonlab-torch", "baseline", setup("torch"))]
+             Provider(OWN_FALLBACK, "baseline", setup("torch"))]
     if graph_row:
         provs.append(Provider("tritonlab-cudagraph", "ours", captured(setup("auto"))))
     return provs
@@ -651,8 +657,12 @@ def _scaled_providers(device, compile_baselines, dtype):
         else:
             if not hasattr(torch, "_scaled_mm"):
                 raise Unavailable("torch._scaled_mm is missing")
-            fn = lambda: B.scaled_mm_rowwise(i["a_q"], i["a_scale"], b_t, i["b_scale"], torch.bfloat16) + i["bias"]
+            fn = lambda: B.scaled_mm_rowwise(i["a_q"], i["a_scale"], b_t, i["b_scale"], torch.bfloat16, i["bias"])
             name = "torch._scaled_mm"
+            try:
+                fn()
+            except RuntimeError:  # a torch build whose row-wise _scaled_mm takes no bias: add it after
+                fn = lambda: B.scaled_mm_rowwise(i["a_q"], i["a_scale"], b_t, i["b_scale"], torch.bfloat16) + i["bias"]
         try:
             fn()
         except RuntimeError as e:
@@ -795,7 +805,8 @@ def _fft_flops(kind):
     def count(sh):
         b, s, d = sh["B"], sh["S"], sh["D"]
         if kind == "fnet":
-            return b * s * 2.5 * d * _log2(d) + b * d * 5.0 * s * _log2(s)
+            # real x: only the D/2 + 1 columns of its half spectrum are independent along S
+            return b * s * 2.5 * d * _log2(d) + b * (d // 2 + 1) * 5.0 * s * _log2(s)
         n = 2 * s if kind == "conv" else s
         per_column = 2 * 2.5 * n * _log2(n) + 6.0 * (n // 2 + 1)
         return b * d * per_column + (d * 2.5 * n * _log2(n) if kind == "conv" else 0.0)
@@ -850,7 +861,8 @@ FFT_CASES = [
          flops=_fft_flops(kind), bytes=_fft_bytes(kind), compute=float_compute, providers=_fft_providers(kind),
          size_key="S", references=(f"fft_mixing.reference:{kernel}_ref",), rows_of=lambda s: (s["B"], s["S"] * s["D"]),
          counting={"fnet": "FLOPs: a real FFT along D (2.5 D log2 D per row) and a complex FFT along S "
-                           "(5 S log2 S per column); bytes x and y.",
+                           "(5 S log2 S per column) of the D/2 + 1 columns of its half spectrum (the others "
+                           "mirror them for real x); bytes x and y.",
                    "filter": "FLOPs: rfft and irfft along S (2 x 2.5 S log2 S per column) and the complex "
                              "multiply (6 per bin); bytes x, y and the complex64 filter.",
                    "conv": "Causal: transforms of length 2S (x, the kernel, the inverse) and the multiply; "
