@@ -315,9 +315,10 @@ def results_table(df: pd.DataFrame) -> str:
 
 
 def summary_table(df: pd.DataFrame) -> str:
-    """One line per kernel x shape x dtype: our time, the primary baseline's, the speedup, the roofline share."""
+    """One line per kernel x shape x dtype: our time, the primary baseline's, the speedup, the
+    fastest external baseline when it is another one (and our speedup over it), the roofline share."""
     header = ["family", "kernel", "shape", "dtype", "tritonlab ms", "primary baseline", "baseline ms", "speedup",
-              "roofline", "status"]
+              "fastest other baseline", "roofline", "status"]
     body = []
     for _, g in df.groupby(["family", "kernel", "shape", "dtype"], sort=False):
         ours = g[g["role"] == "ours"]
@@ -326,8 +327,15 @@ def summary_table(df: pd.DataFrame) -> str:
         o = ours.iloc[0]
         prim = g[(g["provider"] == o["primary_baseline"]) & (g["role"] == "baseline")]
         base_ms = prim["median_ms"].iloc[0] if len(prim) else math.nan
+        external = g[(g["role"] == "baseline") & (g["status"] == "ok") & g["median_ms"].notna()
+                     & (g["provider"] != cases.OWN_FALLBACK)]
+        fastest = ""
+        if len(external) and o["status"] == "ok":
+            best = external.loc[external["median_ms"].idxmin()]
+            if best["provider"] != o["primary_baseline"]:
+                fastest = f"{best['provider']} {_fmt(best['median_ms'], 'ms')} ms: {_fmt(best['median_ms'] / o['median_ms'], 'x')}"
         body.append([o["family"], o["kernel"], o["shape"], o["dtype"], _fmt(o["median_ms"], "ms"),
-                     o["primary_baseline"], _fmt(base_ms, "ms"), _fmt(o["speedup"], "x"),
+                     o["primary_baseline"], _fmt(base_ms, "ms"), _fmt(o["speedup"], "x"), fastest,
                      _fmt(o["roofline_frac"], "pct"), o["status"]])
     return _md_table(header, body)
 
@@ -395,7 +403,9 @@ def write_report(df: pd.DataFrame, ceil: roofline.Ceilings, out_dir: Path, *, no
                         + [[k, "", v] for k, v in ceil.details.items() if k != "bandwidth" and k not in ceil.peaks_tflops]),
               "", "![roofline](roofline.png)" if _plot_roofline(df, ceil, out_dir) else "", ""]
     lines += ["## Summary: tritonlab against its primary baseline", "",
-              "Speedup = primary baseline median / tritonlab median (> 1: tritonlab is faster). Roofline = "
+              "Speedup = primary baseline median / tritonlab median (> 1: tritonlab is faster). The primary "
+              "baseline is the first in the case's order that ran (the comparison its issue names); when "
+              "another baseline was faster, the next column gives it and our speedup over it. Roofline = "
               "max(FLOPs / peak, bytes / bandwidth) / median, from the counts stated per kernel below.", "",
               summary_table(df), ""]
     if notes:

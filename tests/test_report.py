@@ -433,6 +433,11 @@ def test_own_fallback_is_never_the_primary_baseline():
     assert ours["primary_baseline"] == "torch._scaled_mm" and ours["speedup"] == pytest.approx(1.5)
     alone = bench.finalize(bench.to_frame([row("tritonlab", "ours", 1.0), row(cases.OWN_FALLBACK, "baseline", 20.0)]))
     assert alone[alone["role"] == "ours"].iloc[0]["primary_baseline"] == cases.OWN_FALLBACK
+    # a faster baseline than the primary is shown beside it, with our speedup over it
+    faster = bench.finalize(bench.to_frame([row("tritonlab", "ours", 1.0), row("torch-dense", "baseline", 3.0),
+                                            row("torch-naive", "baseline", 0.5), row(cases.OWN_FALLBACK, "baseline", 0.1)]))
+    line = next(ln for ln in report.summary_table(faster).splitlines() if "toy" in ln)
+    assert "| torch-dense | 3 | 3x | torch-naive 0.5 ms: 0.5x |" in line
 
 
 def test_rebuild_rewrites_a_report_from_its_files(synthetic_report, tmp_path, capsys):
