@@ -110,15 +110,15 @@ def _slots(indices: torch.Tensor, route_weights: Optional[torch.Tensor]):
 
 
 def expert_loop(x: torch.Tensor, indices: torch.Tensor, mlp: Callable[[int, torch.Tensor], torch.Tensor],
-                num_groups: int, out_width: int, route_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The loop over experts (as in Hugging Face's Mixtral): select each group's slots, run its MLP
-    on the gathered rows, scale by the route weight, index_add_ into the output (float32 accumulator)."""
+                out_width: int, route_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The loop over experts (as in Hugging Face's Mixtral): for each group that has slots (found
+    once), select its slots, run its MLP on the gathered rows, scale by the route weight, index_add_
+    into the output (float32 accumulator). Empty groups cost nothing, as in that loop: at G = 256 and
+    T = 64 most groups are empty, and a host sync for each would inflate the baseline."""
     group, token, rw = _slots(indices, route_weights)
     y = torch.zeros(x.shape[0], out_width, dtype=torch.float32, device=x.device)
-    for g in range(num_groups):
+    for g in torch.unique(group).tolist():
         sel = (group == g).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
         tok = token.index_select(0, sel)
         out = mlp(g, x.index_select(0, tok)).float()
         if rw is not None:
@@ -132,7 +132,7 @@ def gms_expert_loop(x, weight, indices, bias=None, route_weights=None, activatio
         h = rows @ weight[g]
         return torch_activation(h + bias[g] if bias is not None else h, activation)
 
-    return expert_loop(x, indices, mlp, weight.shape[0], weight.shape[2], route_weights)
+    return expert_loop(x, indices, mlp, weight.shape[2], route_weights)
 
 
 def leaf_mlp_expert_loop(x, indices, w1, b1, w2, b2, activation="relu", route_weights=None) -> torch.Tensor:
@@ -142,7 +142,7 @@ def leaf_mlp_expert_loop(x, indices, w1, b1, w2, b2, activation="relu", route_we
         y = h @ w2[g]
         return y + b2[g] if b2 is not None else y
 
-    return expert_loop(x, indices, mlp, w1.shape[0], w2.shape[2], route_weights)
+    return expert_loop(x, indices, mlp, w2.shape[2], route_weights)
 
 
 def _grouped_layout(indices: torch.Tensor, num_groups: int):

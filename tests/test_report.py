@@ -459,3 +459,26 @@ def test_rebuild_rewrites_a_report_from_its_files(synthetic_report, tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:  # not a report folder: a usage error
         cli_main(["report", "--rebuild", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_expert_loop_baselines_skip_empty_groups():
+    """The loop-over-experts baselines visit only the groups that have slots (as Hugging Face's
+    Mixtral loop does: at G = 256, T = 9 most groups are empty) and still compute the op."""
+    from tritonlab import baselines
+    from tritonlab.kernels.grouped_gemm import reference as gref
+
+    x, w, b = torch.randn(9, 20), torch.randn(256, 20, 12), torch.randn(256, 12)
+    idx, rw = torch.randint(0, 256, (9, 2)), torch.rand(9, 2)
+    visited = []
+
+    def gms(g, rows):
+        visited.append(g)
+        return torch.relu(rows @ w[g] + b[g])
+
+    y = baselines.expert_loop(x, idx, gms, 12, rw)
+    assert sorted(visited) == sorted(set(idx.flatten().tolist()))
+    expected = gref.gather_matmul_scatter_ref(*(t.double().numpy() for t in (x, w)), idx.numpy(), b.double().numpy(),
+                                              rw.double().numpy(), "relu")
+    np.testing.assert_allclose(y.double().numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(baselines.gms_expert_loop(x, w, idx, b, rw, "relu").double().numpy(), expected,
+                               rtol=1e-4, atol=1e-4)
