@@ -429,10 +429,10 @@ def slug_argument(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _creatable(path: Path, what: str) -> None:
-    """argparse error unless `path` can be made: its nearest existing ancestor is a writable folder
-    (the writers create the missing folders in between)."""
-    parent = path.parent
+def _creatable(path: Path, what: str, start: Path) -> None:
+    """argparse error unless `path` can be made: the nearest existing folder from `start` upwards
+    is a writable folder (the writers create the missing folders in between)."""
+    parent = start
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
@@ -449,7 +449,7 @@ def output_file_argument(value: str) -> str:
         raise argparse.ArgumentTypeError(f"output file {value!r} is an existing folder")
     if path.exists() and not os.access(path, os.W_OK):
         raise argparse.ArgumentTypeError(f"output file {value!r} is not writable")
-    _creatable(path, "output file")
+    _creatable(path, "output file", path.parent)
     return value
 
 
@@ -458,11 +458,7 @@ def output_dir_argument(value: str) -> str:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"output folder {value!r} is an existing file")
-    if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"output folder {value!r} is not writable")
-        return value
-    _creatable(path, "output folder")
+    _creatable(path, "output folder", path)
     return value
 
 
