@@ -380,6 +380,28 @@ def _linears(d, h, o, dtype, device, bias=True):
 SQNR_FLOOR = {"int8": 33.0, "fp8_e4m3": 22.0, "fp8_e5m2": 16.0}
 
 
+def one_hidden_flip(x, w1, b1, w2, qname, activation) -> np.ndarray:
+    """[T]: the largest change one token's output can take when one hidden value rounds to its
+    neighbour instead (||w2 column j|| * hidden scale * the spacing of the format at that value).
+
+    The kernels and the NumPy pipeline quantize the same inputs and weights bit for bit, but they
+    form the hidden layer in float32 and float64: a hidden value within rounding of a quantization
+    boundary can land on either side. One such flip at T = 1, H = 300 costs about 14 dB of the
+    SQNR against the pipeline, so a fixed dB margin would fail on rare draws."""
+    w1_q, w1_s = ref.quantize_ref(w1, qname, "row")
+    w2_q, w2_s = ref.quantize_ref(w2, qname, "row")
+    x_q, x_s = ref.quantize_ref(x, qname, "row")
+    h_q, h_s = ref.quantize_ref(ref.scaled_matmul_ref(x_q, x_s, w1_q, w1_s, b1, activation), qname, "row")
+    hv = np.abs(h_q.astype(np.float64))
+    if qname == "int8":
+        spacing = np.ones_like(hv)
+    else:  # the gap above |v| (the wider one at a power of two), subnormals spaced as the smallest normals
+        mant, emin = MANT_EMIN[qname]
+        spacing = np.exp2(np.floor(np.log2(np.maximum(hv, 2.0**emin))) - mant)
+    w2_cols = np.linalg.norm(ref.dequantize_ref(w2_q, w2_s), axis=0)  # [H]
+    return h_s[:, 0] * np.max(spacing * w2_cols[None, :], axis=1)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
 @pytest.mark.parametrize("qname", QNAMES)
 def test_quantized_ffn_error_is_the_quantization_error(backend, device, qname, activation):
@@ -387,6 +409,9 @@ def test_quantized_ffn_error_is_the_quantization_error(backend, device, qname, a
     l1, l2 = _linears(d, h, o, torch.float32, device)
     ffn = tritonlab.QuantizedFFN.from_float(l1, l2, activation, qname, backend=backend)
     w = [np64(t) for t in (l1.weight, l1.bias, l2.weight, l2.bias)]
+    # Hidden values that round to the other neighbour, per token: float32 vs float64 makes them rare
+    # (none in 400 draws of this test); on a GPU, fp8 tensor-core sums round differently and flip more.
+    flips = 6 if (qname != "int8" and GPU and backend == "triton") else 2
     for t in (1, 37):
         x = rand(t, d, device=device)
         y = ffn(x)
@@ -396,10 +421,15 @@ def test_quantized_ffn_error_is_the_quantization_error(backend, device, qname, a
         sqnr = ref.sqnr_db(np64(y), exact)
         print(f"{qname} {activation} T={t}: SQNR {sqnr:.1f} dB (NumPy pipeline {ref.sqnr_db(simulated, exact):.1f} dB)")
         assert sqnr > SQNR_FLOOR[qname]
-        # The kernels compute the same quantized arithmetic: far closer to it than to the float FFN
-        # (on a GPU, fp8 tensor-core sums round differently and flip a few hidden-layer roundings).
-        margin = 6.0 if (qname != "int8" and GPU and backend == "triton") else 20.0
-        assert ref.sqnr_db(np64(y), simulated) > sqnr + margin
+        # The kernels compute the same quantized arithmetic: each token's output is the pipeline's
+        # up to a few flipped hidden roundings (and float32 rounding of the output itself).
+        off = np.linalg.norm(np64(y) - simulated, axis=1)
+        bound = flips * one_hidden_flip(np64(x), w[0], w[1], w[2], qname, activation)
+        bound += 1e-5 * np.linalg.norm(simulated, axis=1)
+        assert np.all(off <= bound), (off / bound).max()
+        if t > 1:  # most tokens see no flip: far below the quantization error itself
+            noise = np.linalg.norm(exact - simulated, axis=1)
+            assert np.median(off / noise) < 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
