@@ -7,9 +7,10 @@ For one task (a case x shape x dtype) the harness
    reported "wrong" and is never timed; one that raises is "failed"; one that cannot run here (no
    such torch op, an old GPU) is "skipped",
 3. times the providers that passed:
-   - CUDA: triton.testing.do_bench (L2 flushed before every call; median, p20, p80 from its
-     quantiles); kernels under GRAPH_BELOW_MS that are safe to capture are re-timed through a CUDA
-     graph (do_bench_cudagraph), which removes the launch overhead that would dominate them;
+   - CUDA: triton.testing.do_bench for every row of a task (L2 flushed before every call; median,
+     p20, p80 from its quantiles): one timer per task, so its ratios compare like with like. The
+     view without host launch overhead comes from explicit captured rows ("-cudagraph" providers,
+     lab/cases.py), timed the same way;
    - CPU: warm-up, then repetitions with the providers interleaved (A B C C B A A B C ...), so that
      slow drift of the machine (frequency, other load) falls on all of them alike; each sample
      repeats a call enough times to last about a millisecond; median, p20, p80 over the samples.
@@ -31,8 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cases import (CHECK_ELEMENTS, CHECK_ROWS, OWN_FALLBACK, Case, Prepared, Provider, Unavailable, default_error,
-                    shape_label)
+from .cases import (CHECK_ELEMENTS, CHECK_ROWS, GRAPH_SUFFIX, OWN_FALLBACK, Case, Prepared, Provider, Unavailable,
+                    default_error, shape_label)
 from .kernels._accuracy import to_numpy
 
 RESULT_COLUMNS = [
@@ -42,10 +43,6 @@ RESULT_COLUMNS = [
     "rel_err", "max_abs_err", "tolerance", "device", "seed", "note",
 ]
 STATUSES = ("ok", "wrong", "skipped", "failed")
-
-#: CUDA: kernels faster than this (ms) are re-timed through a CUDA graph when safe to capture
-GRAPH_BELOW_MS = 0.05
-
 
 @dataclass
 class Task:
@@ -70,7 +67,6 @@ class BenchOptions:
     #: CUDA: do_bench's warm-up and repetition times (ms)
     cuda_warmup_ms: int = 25
     cuda_rep_ms: int = 100
-    cuda_graphs: bool = True
     check_rows: int = CHECK_ROWS
     check_elements: int = CHECK_ELEMENTS
     #: seed for the inputs; None draws a fresh one per task (recorded in the rows)
@@ -231,26 +227,15 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, budget_s: float =
     return samples
 
 
-def time_cuda(fn: Callable[[], Any], *, warmup_ms: int = 25, rep_ms: int = 100, graph: bool = False) -> tuple[float, float, float, int, str]:
-    """(median, p20, p80 in ms, samples, timer) for a CUDA callable.
-
-    triton.testing.do_bench flushes the L2 cache before every call; a kernel under GRAPH_BELOW_MS
-    that is safe to capture (`graph`) is re-timed as a CUDA graph of many calls (no L2 flush there:
-    the graph replays back to back), which measures the kernel rather than the launch overhead.
-    """
+def time_cuda(fn: Callable[[], Any], *, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[float, float, float, int, str]:
+    """(median, p20, p80 in ms, samples, timer) for a CUDA callable: triton.testing.do_bench, which
+    flushes the L2 cache before every call (CUDA events and our own flush without Triton)."""
     try:
         import triton.testing as tt
     except ImportError:  # pragma: no cover - CUDA without Triton: CUDA events, our own L2 flush
         return _time_cuda_events(fn, warmup_ms, rep_ms)
     med, p20, p80 = tt.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    timer = "do_bench (L2 flushed)"
-    if graph and med < GRAPH_BELOW_MS:
-        try:
-            g_med, g_p20, g_p80 = tt.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-            med, p20, p80, timer = g_med, g_p20, g_p80, "CUDA graph"
-        except Exception:  # capture refused (a host sync): keep do_bench's numbers
-            torch.cuda.synchronize()
-    return float(med), float(p20), float(p80), 0, timer
+    return float(med), float(p20), float(p80), 0, "do_bench (L2 flushed)"
 
 
 def _time_cuda_events(fn, warmup_ms, rep_ms):  # pragma: no cover - needs a GPU without Triton
@@ -341,7 +326,7 @@ def run_task(task: Task, opts: BenchOptions) -> list[dict]:
     checked = check_task(task, opts)
     by_name = {r["provider"]: r for r in checked.rows}
     try:
-        _time_ready(checked.ready, checked.providers, task.shape, opts, by_name)
+        _time_ready(checked.ready, opts, by_name)
     except Exception as e:  # a provider that passed its check but fails when repeated
         for name in checked.ready:
             if by_name[name]["median_ms"] is None:
@@ -388,16 +373,13 @@ def _check(p: Provider, inputs: dict, rows: np.ndarray, case: Case, case_referen
     return "ok", prep.note
 
 
-def _time_ready(ready: dict[str, Prepared], providers: list[Provider], shape: dict, opts: BenchOptions,
-                by_name: dict[str, dict]) -> None:
+def _time_ready(ready: dict[str, Prepared], opts: BenchOptions, by_name: dict[str, dict]) -> None:
     if not ready:
         return
     if opts.device.type == "cuda":
-        graphable = {p.name: p.graphable(shape) for p in providers}
         for name, prep in ready.items():
             try:
-                med, p20, p80, n, timer = time_cuda(prep.fn, warmup_ms=opts.cuda_warmup_ms, rep_ms=opts.cuda_rep_ms,
-                                                    graph=opts.cuda_graphs and graphable.get(name, False))
+                med, p20, p80, n, timer = time_cuda(prep.fn, warmup_ms=opts.cuda_warmup_ms, rep_ms=opts.cuda_rep_ms)
             except Exception as e:
                 by_name[name].update(status="failed", note=f"timing: {_first_line(e)}")
                 release_memory(opts.device)
@@ -471,11 +453,13 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 def finalize(df: pd.DataFrame) -> pd.DataFrame:
     """Throughput and speedups.
 
-    tflops/gbps: the case's stated FLOPs and bytes over the median time. primary_baseline: the first
-    baseline (in the case's order) that ran ok, other than OWN_FALLBACK unless it is the only one;
-    speedup = its median / this row's median (so our row says how much faster we are than the
-    primary baseline); ours_speedup (baseline rows) = this baseline's median / our median, our
-    speedup over each baseline.
+    tflops/gbps: the case's stated FLOPs and bytes over the median time. Rows of calls captured in
+    a CUDA graph (provider ending in GRAPH_SUFFIX) are compared among themselves, eager rows among
+    themselves. primary_baseline: the first baseline (in the case's order) that ran ok, other than
+    OWN_FALLBACK unless it is the only one (for captured rows: the first captured baseline); speedup =
+    its median / this row's median (so our row says how much faster we are than the primary
+    baseline); ours_speedup (baseline rows) = this baseline's median / our median, our speedup over
+    each baseline.
     """
     df = df.copy()
     t = df["median_ms"] * 1e-3
@@ -485,15 +469,17 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
     df["speedup"] = np.nan
     df["ours_speedup"] = np.nan
     keys = ["family", "kernel", "shape", "dtype"]
-    for _, group in df.groupby(keys, sort=False):
-        ok = group[(group["status"] == "ok") & group["median_ms"].notna()]
-        ours = ok[ok["role"] == "ours"]
-        base = ok[ok["role"] == "baseline"]
-        if len(base):
-            external = base[base["provider"] != OWN_FALLBACK]
-            primary = (external if len(external) else base).iloc[0]
-            df.loc[group.index, "primary_baseline"] = primary["provider"]
-            df.loc[ok.index, "speedup"] = primary["median_ms"] / ok["median_ms"]
-        if len(ours):
-            df.loc[base.index, "ours_speedup"] = base["median_ms"] / float(ours.iloc[0]["median_ms"])
+    captured = df["provider"].astype(str).str.endswith(GRAPH_SUFFIX)
+    for _, task in df.groupby(keys, sort=False):
+        for group in (task[~captured[task.index]], task[captured[task.index]]):
+            ok = group[(group["status"] == "ok") & group["median_ms"].notna()]
+            ours = ok[ok["role"] == "ours"]
+            base = ok[ok["role"] == "baseline"]
+            if len(base):
+                external = base[~base["provider"].isin([OWN_FALLBACK, OWN_FALLBACK + GRAPH_SUFFIX])]
+                primary = (external if len(external) else base).iloc[0]
+                df.loc[group.index, "primary_baseline"] = primary["provider"]
+                df.loc[ok.index, "speedup"] = primary["median_ms"] / ok["median_ms"]
+            if len(ours):
+                df.loc[base.index, "ours_speedup"] = base["median_ms"] / float(ours.iloc[0]["median_ms"])
     return df

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -77,12 +77,9 @@ class Provider:
     name: str
     role: str  # "ours" | "baseline"
     setup: Callable[[dict, torch.device], Prepared]
-    #: safe to capture in a CUDA graph (no host sync), or a test of the shape: used for small
-    #: kernels on a GPU
-    graph_safe: bool | Callable[[dict], bool] = False
-
-    def graphable(self, shape: dict) -> bool:
-        return bool(self.graph_safe(shape) if callable(self.graph_safe) else self.graph_safe)
+    #: safe to capture in a CUDA graph (no host sync): in a case with a captured row of ours, a
+    #: baseline that is gets a captured twin, so graph is compared with graph (_ours_for)
+    graph_safe: bool = False
 
 
 @dataclass
@@ -216,24 +213,27 @@ def _op(name: str) -> Callable:
     return getattr(kernels, name)
 
 
-def ours(name: str, call: Callable[[Callable, dict, str], Any], graph_safe: bool | Callable[[dict], bool] = True,
-         graph_row: bool = False) -> list[Provider]:
+#: the provider-name suffix of a call captured in a CUDA graph and replayed
+GRAPH_SUFFIX = "-cudagraph"
+
+
+def ours(name: str, call: Callable[[Callable, dict, str], Any], graph_row: bool = False) -> list[Provider]:
     """Our op through backend="auto" (Triton on a GPU, the torch fallback on a CPU), and on a GPU
     also our torch fallback as a baseline. `graph_row`: on a GPU also our op captured in a CUDA
     graph ("tritonlab-cudagraph", for ops whose eager time is mostly host work: several launches
     per call); it is timed like every row (do_bench, L2 flushed before each replay), so the
     difference to the eager row is the host's launch overhead, which a graph-capturing serving
-    stack does not pay."""
+    stack does not pay. Its speedup is over the captured twins of the baselines (_ours_for)."""
     def setup(backend):
         def _setup(inp, device):
             op = _op(name)
             return Prepared(lambda: call(op, inp, backend))
         return _setup
 
-    provs = [Provider("tritonlab", "ours", setup("auto"), graph_safe=graph_safe),
+    provs = [Provider("tritonlab", "ours", setup("auto"), graph_safe=True),
              Provider(OWN_FALLBACK, "baseline", setup("torch"))]
     if graph_row:
-        provs.append(Provider("tritonlab-cudagraph", "ours", captured(setup("auto"))))
+        provs.append(Provider("tritonlab" + GRAPH_SUFFIX, "ours", captured(setup("auto"))))
     return provs
 
 
@@ -258,18 +258,28 @@ def graph_replay(fn: Callable[[], Any], warmup: int = 2) -> Callable[[], Any]:
 
 
 def captured(setup: Callable[[dict, torch.device], Prepared]) -> Callable[[dict, torch.device], Prepared]:
-    """A setup whose call is the given one captured in a CUDA graph and replayed (graph_replay)."""
+    """A setup whose call is the given one captured in a CUDA graph and replayed (graph_replay);
+    its own reference, if any, still checks it."""
     def _setup(inp, device):
         if device.type != "cuda":
             raise Unavailable("CUDA graphs need a GPU")
-        return Prepared(graph_replay(setup(inp, device).fn))
+        prep = setup(inp, device)
+        return replace(prep, fn=graph_replay(prep.fn))
     return _setup
 
 
 def _ours_for(device: torch.device, provs: list[Provider]) -> list[Provider]:
     """On a CPU "auto" is the torch fallback: the fallback baseline would time the same code twice,
-    and there are no CUDA graphs."""
-    return provs if device.type == "cuda" else [p for p in provs if p.name not in ("tritonlab-torch", "tritonlab-cudagraph")]
+    and there are no CUDA graphs. On a GPU, where our op has a captured row, every graph-safe
+    baseline gets one too (after all eager rows), so the captured row is compared with captured
+    baselines and never with an eager one that pays the launch overhead it does not."""
+    if device.type != "cuda":
+        return [p for p in provs if p.name not in (OWN_FALLBACK, "tritonlab" + GRAPH_SUFFIX)]
+    if not any(p.name == "tritonlab" + GRAPH_SUFFIX for p in provs):
+        return provs
+    eager = [p for p in provs if not p.name.endswith(GRAPH_SUFFIX)]
+    twins = [Provider(p.name + GRAPH_SUFFIX, p.role, captured(p.setup)) for p in eager if p.role == "baseline" and p.graph_safe]
+    return eager + [p for p in provs if p.name.endswith(GRAPH_SUFFIX)] + twins
 
 
 # ----------------------------------------------------------------------------- tree routing
@@ -375,7 +385,7 @@ def _tree_providers(kind: str):
             provs = ours("tree_route", lambda op, i, b: op(i["x"], i["node_weight"], i["node_bias"], backend=b),
                          graph_row=True)
             provs.append(Provider("torch-dense-logits", "baseline", lambda i, d: Prepared(
-                lambda: B.tree_route_dense_logits(i["x"], i["node_weight"], i["node_bias"]))))
+                lambda: B.tree_route_dense_logits(i["x"], i["node_weight"], i["node_bias"])), graph_safe=True))
             naive = B.tree_route_naive
             args = ("x", "node_weight", "node_bias")
         elif kind == "fff":
@@ -394,7 +404,7 @@ def _tree_providers(kind: str):
         def call_with(fn):
             return lambda i, d: Prepared(lambda: fn(*(i[a] if a in i else a for a in args)))
 
-        provs.append(Provider("torch-naive", "baseline", call_with(naive)))
+        provs.append(Provider("torch-naive", "baseline", call_with(naive), graph_safe=True))  # no host sync
         if compile_baselines:
             provs.append(Provider("torch.compile-naive", "baseline", call_with(lazily_compiled(naive))))
         return _ours_for(device, provs)

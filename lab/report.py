@@ -316,49 +316,70 @@ def results_table(df: pd.DataFrame) -> str:
 
 def summary_table(df: pd.DataFrame) -> str:
     """One line per kernel x shape x dtype: our time, the primary baseline's, the speedup, the
-    fastest external baseline when it is another one (and our speedup over it), the roofline share."""
+    fastest external baseline when it is another one (and our speedup over it), the roofline share;
+    where calls were also captured in CUDA graphs (GPU), our captured time and its speedup over the
+    first captured baseline."""
+    captured = df["provider"].astype(str).str.endswith(cases.GRAPH_SUFFIX)
     header = ["family", "kernel", "shape", "dtype", "tritonlab ms", "primary baseline", "baseline ms", "speedup",
               "fastest other baseline", "roofline", "status"]
+    if captured.any():
+        header.insert(-2, "in CUDA graphs")
     body = []
     for _, g in df.groupby(["family", "kernel", "shape", "dtype"], sort=False):
-        ours = g[g["role"] == "ours"]
+        eager, graphs = g[~captured[g.index]], g[captured[g.index]]
+        ours = eager[eager["role"] == "ours"]
         if ours.empty:
             continue
         o = ours.iloc[0]
-        prim = g[(g["provider"] == o["primary_baseline"]) & (g["role"] == "baseline")]
+        prim = eager[(eager["provider"] == o["primary_baseline"]) & (eager["role"] == "baseline")]
         base_ms = prim["median_ms"].iloc[0] if len(prim) else math.nan
-        external = g[(g["role"] == "baseline") & (g["status"] == "ok") & g["median_ms"].notna()
-                     & (g["provider"] != cases.OWN_FALLBACK)]
+        external = eager[(eager["role"] == "baseline") & (eager["status"] == "ok") & eager["median_ms"].notna()
+                         & (eager["provider"] != cases.OWN_FALLBACK)]
         fastest = ""
         if len(external) and o["status"] == "ok":
             best = external.loc[external["median_ms"].idxmin()]
             if best["provider"] != o["primary_baseline"]:
                 fastest = f"{best['provider']} {_fmt(best['median_ms'], 'ms')} ms: {_fmt(best['median_ms'] / o['median_ms'], 'x')}"
-        body.append([o["family"], o["kernel"], o["shape"], o["dtype"], _fmt(o["median_ms"], "ms"),
-                     o["primary_baseline"], _fmt(base_ms, "ms"), _fmt(o["speedup"], "x"), fastest,
-                     _fmt(o["roofline_frac"], "pct"), o["status"]])
+        row = [o["family"], o["kernel"], o["shape"], o["dtype"], _fmt(o["median_ms"], "ms"),
+               o["primary_baseline"], _fmt(base_ms, "ms"), _fmt(o["speedup"], "x"), fastest,
+               _fmt(o["roofline_frac"], "pct"), o["status"]]
+        if captured.any():
+            row.insert(-2, _captured_cell(graphs))
+        body.append(row)
     return _md_table(header, body)
+
+
+def _captured_cell(graphs: pd.DataFrame) -> str:
+    """'0.065 ms: 5.9x dense-ffn-cudagraph' (ours captured against the first captured baseline)."""
+    ours = graphs[(graphs["role"] == "ours") & (graphs["status"] == "ok") & graphs["median_ms"].notna()]
+    if ours.empty:
+        return ""
+    o = ours.iloc[0]
+    cell = f"{_fmt(o['median_ms'], 'ms')} ms"
+    return cell + (f": {_fmt(o['speedup'], 'x')} {o['primary_baseline']}" if o["primary_baseline"] else "")
 
 
 def headline(df: pd.DataFrame) -> Optional[str]:
     """The CPU tree-routing headline (fff_forward T=4096 D=768 depth 8 H=16 float32 vs the dense FFN
-    of width 4096), or on a GPU the same layer at T=16384 bf16, when measured. The CPU timer
-    interleaves the providers; the CUDA one times them one after the other (bench)."""
+    of width 4096), or on a GPU the same layer at T=16384 bf16, when measured; on a GPU also both
+    captured in CUDA graphs. The CPU timer interleaves the providers; the CUDA one times them one
+    after the other (bench)."""
     for shape, dtype, timing in (("T=4096 D=768 depth=8 H=16", "float32", "in one run, pairs interleaved"),
                                  ("T=16384 D=768 depth=8 H=16", "bfloat16", "in one run, one after the other")):
         g = df[(df["kernel"] == "fff_forward") & (df["shape"] == shape) & (df["dtype"] == dtype)]
         ok = g[g["status"] == "ok"]
-        ours, graphed, dense = (ok[ok["provider"] == p] for p in ("tritonlab", "tritonlab-cudagraph", "dense-ffn"))
+        ours, dense, ours_g, dense_g = (ok[ok["provider"] == p] for p in (
+            "tritonlab", "dense-ffn", "tritonlab" + cases.GRAPH_SUFFIX, "dense-ffn" + cases.GRAPH_SUFFIX))
         if len(ours) and len(dense):
             o, d = ours.iloc[0], dense.iloc[0]
             line = (f"**fff_forward {shape} {dtype}: {_fmt(o['median_ms'], 'ms')} ms against "
                     f"{_fmt(d['median_ms'], 'ms')} ms for the dense FFN of equal width "
                     f"(2**depth * H = {2**8 * 16}): {d['median_ms'] / o['median_ms']:.3g}x faster**, "
                     f"{timing}.")
-            if len(graphed):
-                gm = graphed.iloc[0]["median_ms"]
-                line += (f" Captured in a CUDA graph (no host launch overhead): {_fmt(gm, 'ms')} ms, "
-                         f"{d['median_ms'] / gm:.3g}x the dense FFN.")
+            if len(ours_g) and len(dense_g):
+                og, dg = ours_g.iloc[0]["median_ms"], dense_g.iloc[0]["median_ms"]
+                line += (f" Both captured in CUDA graphs (no host launch overhead): {_fmt(og, 'ms')} ms against "
+                         f"{_fmt(dg, 'ms')} ms, {dg / og:.3g}x.")
             return line
     return None
 
@@ -431,8 +452,9 @@ def write_report(df: pd.DataFrame, ceil: roofline.Ceilings, out_dir: Path, *, no
               "- Every provider's result is checked against the float64 NumPy reference of the family "
               f"(on up to {cases.CHECK_ROWS} random rows) before it is timed; a result over the tolerance is "
               "reported `wrong` and never timed, one that raises is `failed`, one that cannot run here is `skipped`.",
-              "- CUDA: `triton.testing.do_bench` (L2 flushed before each call; median, p20, p80); kernels under "
-              f"{bench.GRAPH_BELOW_MS} ms that are safe to capture are timed as CUDA graphs. CPU: warm-up, then "
+              "- CUDA: `triton.testing.do_bench` for every row (L2 flushed before each call; median, p20, p80). "
+              f"Rows named `...{cases.GRAPH_SUFFIX}` time the same call captured in a CUDA graph and replayed "
+              "(no host launch overhead), the same way, and are compared only with each other. CPU: warm-up, then "
               "repetitions with the providers interleaved (A B C, C B A, ...) so that drift cancels.",
               "- `results.csv` columns: " + ", ".join(f"`{c}`" for c in bench.RESULT_COLUMNS) + ".",
               "- `tritonlab report --compare A B` shows the change between two reports and flags regressions.", ""]

@@ -440,6 +440,60 @@ def test_own_fallback_is_never_the_primary_baseline():
     assert "| torch-dense | 3 | 3x | torch-naive 0.5 ms: 0.5x |" in line
 
 
+def test_captured_rows_are_compared_only_with_captured_rows(monkeypatch):
+    """One timer per comparison: a call captured in a CUDA graph pays no host launch overhead, so
+    its speedup is over the captured baselines, and eager rows are compared only with eager ones
+    (the H100 report of session 6 set a graph-timed dense FFN against our eager row)."""
+    case = toy_case(torch.tanh)
+    shape = {"T": 64, "D": 7}
+    g = cases.GRAPH_SUFFIX
+
+    def row(provider, role, ms):
+        return bench._row(case, shape, "float32", provider, role, CPU, status="ok", median_ms=ms, p20_ms=ms, p80_ms=ms,
+                          reps=3, rel_err=0.0, tolerance=1e-6, seed=1)
+
+    df = bench.finalize(bench.to_frame([
+        row("tritonlab", "ours", 0.4), row(cases.OWN_FALLBACK, "baseline", 4.0), row("dense-ffn", "baseline", 0.3),
+        row("tritonlab" + g, "ours", 0.05), row("dense-ffn" + g, "baseline", 0.25)]))
+    by = df.set_index("provider")
+    assert by.loc["tritonlab", "primary_baseline"] == "dense-ffn" and by.loc["tritonlab", "speedup"] == pytest.approx(0.75)
+    assert by.loc["tritonlab" + g, "primary_baseline"] == "dense-ffn" + g
+    assert by.loc["tritonlab" + g, "speedup"] == pytest.approx(5.0)
+    assert by.loc["dense-ffn" + g, "ours_speedup"] == pytest.approx(5.0)
+    assert by.loc["dense-ffn", "ours_speedup"] == pytest.approx(0.75)
+    line = next(ln for ln in report.summary_table(df).splitlines() if "toy" in ln)
+    assert "| 0.4 | dense-ffn | 0.3 | 0.75x |" in line and f"| 0.05 ms: 5x dense-ffn{g} |" in line
+    # a captured row of ours with no captured baseline has no speedup (never one over an eager row)
+    alone = bench.finalize(bench.to_frame([row("tritonlab", "ours", 0.4), row("dense-ffn", "baseline", 0.3),
+                                           row("tritonlab" + g, "ours", 0.05)]))
+    assert math.isnan(alone.set_index("provider").loc["tritonlab" + g, "speedup"])
+    # without captured rows (a CPU report) the summary has no graph column
+    assert "CUDA graphs" not in report.summary_table(df[~df["provider"].str.endswith(g)])
+
+
+def test_graph_safe_baselines_get_captured_twins_on_a_gpu(monkeypatch):
+    """Where our op has a captured row, each graph-safe baseline gets one too, after the eager rows;
+    the twin keeps the baseline's own reference (the dense FFN computes another function)."""
+    cuda = torch.device("cuda")
+    fff = next(c for c in cases.CASES if c.kernel == "fff_forward")
+    names = [p.name for p in fff.providers(cuda, True, "bfloat16")]
+    g = cases.GRAPH_SUFFIX
+    assert names.index("tritonlab" + g) > max(i for i, n in enumerate(names) if not n.endswith(g))
+    assert {"dense-ffn" + g, "torch-naive" + g} <= set(names)
+    assert "torch.compile-naive" + g not in names and cases.OWN_FALLBACK + g not in names
+    assert not any(n.endswith(g) for n in (p.name for p in fff.providers(CPU, True, "float32")))
+    # no captured row of ours (quantize): no twins either
+    quantize = next(c for c in cases.CASES if c.kernel == "quantize")
+    assert not any(p.name.endswith(g) for p in quantize.providers(cuda, True, quantize.presets["quick"].dtypes[0]))
+
+    monkeypatch.setattr(cases, "graph_replay", lambda fn: fn)  # no GPU here: the capture itself is not run
+    reference = lambda rows: rows  # noqa: E731
+    twin = cases.captured(lambda inp, dev: cases.Prepared(lambda: 7, reference=reference, note="width 9"))({}, cuda)
+    assert twin.fn() == 7 and twin.reference is reference and twin.note == "width 9"
+    with pytest.raises(cases.Unavailable):
+        cases.captured(lambda inp, dev: cases.Prepared(lambda: 7))({}, CPU)
+
+
 def test_rebuild_rewrites_a_report_from_its_files(synthetic_report, tmp_path, capsys):
     """--rebuild recomputes the derived columns and tables from a folder's own measurements: a
     stale speedup in results.csv is replaced, the medians stay, and the README says it was rebuilt."""
