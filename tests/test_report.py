@@ -372,6 +372,10 @@ def test_profile_command_writes_a_table(tmp_path, capsys):
             assert "tree_walk_kernel" in cells[-1]
         else:  # the heaviest torch ops of the fallback
             assert "aten::" in cells[-1]
+    # on a GPU the floors of an issue: an empty Triton launch and an allocation (no such line on a CPU)
+    assert ("Issue-time floors on this host" in text) == torch.cuda.is_available()
+    if torch.cuda.is_available():
+        assert "triton launch" in text and "torch.empty 1 KiB" in text
 
 
 def test_profile_of_a_failing_op_is_reported_not_hidden(tmp_path, monkeypatch):
