@@ -136,10 +136,17 @@ def _precision(dtype: torch.dtype) -> int:
 def describe_plan(op: str, s: int, d: Optional[int] = None) -> str:
     """Which Triton path a length takes: op is "spectral_filter", "fft_conv_causal",
     "fft_conv_circular" or "fnet_mix" (then `d` is the width)."""
+    names = ("spectral_filter", "fft_conv_causal", "fft_conv_circular", "fnet_mix")
+    if op not in names:  # a wrong name ("fft_conv") would otherwise describe the circular plan
+        raise ValueError(f"op must be one of {names}, got {op!r}")
     if op == "fnet_mix":
+        if d is None:
+            raise ValueError("d (the width D) is needed for op='fnet_mix'")
+        if max(s, d) > plans.MAX_SPLIT_M:  # fnet_mix's rule
+            return "torch.fft (no Triton plan)"
         out = []
         for axis, n in (("D", d), ("S", s)):
-            p = plans.dft_plan(n) if n else None
+            p = plans.dft_plan(n)
             out.append(f"{axis}={n}: " + (p.describe() if p else "dense DFT GEMM (O(n^2))"))
         if d and _fnet_half_spectrum(s, d):
             out.append(f"half spectrum: {d // 2 + 1} of {d} columns along S, the rest by symmetry")
@@ -656,7 +663,8 @@ def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """FNet token mixing: Re(FFT_S(FFT_D(x))), the real part of the 2-D DFT over the last two dims.
 
     Args:
-        x: [..., S, D] float32/float16/bfloat16 (float64 on backend="torch"), any S, D >= 1.
+        x: [..., S, D] float32/float16/bfloat16 (float64 on backend="torch"), any S, D >= 1
+            (backend="triton" up to plans.MAX_SPLIT_M; "auto" runs torch.fft past it).
         backend: "auto" | "triton" | "torch" (see DESIGN.md).
     Returns:
         [..., S, D] in x's dtype, float32 math. Unnormalized, as numpy.fft (and FNet). Differentiable
@@ -666,7 +674,10 @@ def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     _check_x(x)
     if x.numel() == 0:
         return empty_result(x.shape, x, x)
-    chosen = _choose_backend(backend, x, True, "fnet_mix")
+    # past the split path's largest transform a length has only the O(n^2) dense DFT GEMM (whose grid
+    # also overflows CUDA's dim-1 limit past ~2M): "auto" sends it to torch.fft, as the convolutions do
+    plan_ok = max(x.shape[-2], x.shape[-1]) <= plans.MAX_SPLIT_M
+    chosen = _choose_backend(backend, x, plan_ok, "fnet_mix")
     return dispatch(_fnet_mix_op, _fnet_mix_impl, _as_batch(x), chosen, needs_autograd=True).reshape(x.shape)
 
 
@@ -695,7 +706,10 @@ def spectral_filter(x: torch.Tensor, filt: torch.Tensor, *, backend: str = "auto
     s, d = x.shape[-2], x.shape[-1]
     lead = tuple(x.shape[:-2])
     shared, batched = (s // 2 + 1, d), lead + (s // 2 + 1, d)
-    if tuple(filt.shape) not in (shared, batched):
+    fshape = tuple(filt.shape)
+    # two != tests, not `not in`: under torch.compile(dynamic=True) dynamo answered `in` over tuples
+    # of SymInts wrongly for a parameter's static shape (a spurious error under fullgraph=True)
+    if fshape != shared and fshape != batched:
         raise ValueError(f"filt must have shape [S//2 + 1, D] = {list(shared)} (or {list(batched)} per input) "
                          f"for x of shape {tuple(x.shape)}, got {tuple(filt.shape)}")
     check_same_device(x=x, filt=filt)
