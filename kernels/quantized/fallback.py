@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import cpu_workspace, torch_activation
+from ..grouped_gemm.fallback import activation_and_grad
 
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 #: the smallest scale of a non-zero slice, 2**-126 (the smallest normal float32): its reciprocal is
@@ -109,10 +110,33 @@ def scaled_matmul_torch(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Ten
                         bias: Optional[torch.Tensor], activation: Optional[str],
                         out_dtype: torch.dtype) -> torch.Tensor:
     """act((a_q @ b_q.T) * a_scale * b_scale + bias) in out_dtype; scales already 1-D float32."""
+    return epilogue_torch(_accumulate(a_q, b_q), a_scale, b_scale, bias, activation, out_dtype)
+
+
+def _accumulate(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    """a_q @ b_q.T: exact int32 (or the exact integers in float32) for int8, float32 for fp8."""
     if a_q.dtype != torch.int8:
-        acc = fp8_matmul(a_q, b_q)
-    elif a_q.shape[1] <= EXACT_K_CHUNK and not int8_uses_int_mm(a_q, b_q):
-        acc = a_q.float() @ b_q.float().t()  # one chunk: already the exact integers, in float32
-    else:
-        acc = int8_matmul_exact(a_q, b_q)
-    return epilogue_torch(acc, a_scale, b_scale, bias, activation, out_dtype)
+        return fp8_matmul(a_q, b_q)
+    if a_q.shape[1] <= EXACT_K_CHUNK and not int8_uses_int_mm(a_q, b_q):
+        return a_q.float() @ b_q.float().t()  # one chunk: already the exact integers, in float32
+    return int8_matmul_exact(a_q, b_q)
+
+
+def scaled_matmul_backward_torch(grad: torch.Tensor, a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
+                                 b_scale: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str]):
+    """Gradients of scaled_matmul in a_scale ([M] or [1]), b_scale ([N] or [1]) and bias ([N] or None),
+    every path's backward: z = acc * a_scale * b_scale + bias (acc recomputed, as the forward forms it),
+    dz = grad * act'(z), the out_dtype rounding passed straight through. The 8-bit operands get none."""
+    acc = _accumulate(a_q, b_q).float()
+    a_col, b_row = a_scale.reshape(-1, 1), b_scale.reshape(1, -1)
+    dz = grad.float()
+    if activation not in (None, "none", "identity"):
+        z = acc * a_col * b_row
+        _, d_act = activation_and_grad(z if bias is None else z + bias.float(), activation)
+        dz = dz * d_act
+    d_acc = dz * acc
+    d_a, d_b = (d_acc * b_row).sum(1), (d_acc * a_col).sum(0)
+    # one scale for all rows (columns): the sum of the per-row (per-column) gradients
+    d_a = d_a if a_scale.numel() == d_a.numel() else d_a.sum().reshape(1)
+    d_b = d_b if b_scale.numel() == d_b.numel() else d_b.sum().reshape(1)
+    return d_a, d_b, None if bias is None else dz.sum(0).to(bias.dtype)

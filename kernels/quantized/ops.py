@@ -6,7 +6,11 @@
 `torch.compile(fullgraph=True)` keeps them in the graph. The Python wrappers validate (names in
 every error), flatten and handle empty inputs; the custom ops pick the path and run. Eager calls
 skip the dispatcher and run the ops' implementations directly (`_backend.dispatch`: it costs tens
-of microseconds of host time a call, and these ops have no autograd to record).
+of microseconds of host time a call) unless autograd must record `scaled_matmul`'s backward.
+
+Gradients: `scaled_matmul` is differentiable in a_scale, b_scale and bias (one torch backward for
+every path); the 8-bit operands and everything `quantize` or `quantize_output` returns have none
+(rounded values), on every path and under torch.compile alike.
 
 Paths (which implementation runs; `quantize_path` / `scaled_matmul_path` answer without running):
 - "triton": the Triton kernels (the int8 quantize anywhere Triton runs, the int8 GEMM from CUDA
@@ -30,7 +34,7 @@ import torch
 
 from .._accuracy import rel_error, tolerance
 from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, compile_target,
-                        dispatch, fit_pipelined_tiles, new_output, next_pow2, resolve_backend)
+                        dispatch, empty_result, fit_pipelined_tiles, new_output, next_pow2, resolve_backend)
 from .._triton import interpreting
 from .._tuning import NotApplicable, TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -50,6 +54,8 @@ SINGLE_PASS_MAX_N = 16384
 #: scaled_matmul(quantize_output=...) quantizes in the GEMM epilogue when one column tile of at most
 #: this width spans the whole row
 FUSED_QUANT_MAX_N = 256
+#: int8 GEMMs accumulate in int32: K products of at most 128 * 128 each stay below 2**31 up to this K
+INT8_MAX_K = (2**31 - 1) // (128 * 128)
 
 QuantDType = Union[str, torch.dtype]
 
@@ -306,6 +312,23 @@ def _(a_q, a_scale, b_q, b_scale, bias, activation, out_dtype, backend):
     return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
 
 
+def _scaled_matmul_setup_context(ctx, inputs, output):
+    a_q, a_scale, b_q, b_scale, bias, activation, out_dtype, backend = inputs
+    ctx.save_for_backward(a_q, a_scale, b_q, b_scale, bias)
+    ctx.activation = activation
+
+
+def _scaled_matmul_backward(ctx, grad):
+    a_q, a_scale, b_q, b_scale, bias = ctx.saved_tensors
+    d_a, d_b, d_bias = fallback.scaled_matmul_backward_torch(grad, a_q, a_scale, b_q, b_scale, bias, ctx.activation)
+    return None, d_a, None, d_b, d_bias, None, None, None
+
+
+# Without it the torch path's eager autograd gave scale and bias gradients, the Triton path none, and
+# torch.compile failed to trace a call with a requires_grad bias or scale: one backward for all.
+_scaled_matmul_op.register_autograd(_scaled_matmul_backward, setup_context=_scaled_matmul_setup_context)
+
+
 def _scaled_matmul_quantized_impl(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                                 bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, qname: str,
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +376,7 @@ def quantize(x: torch.Tensor, dtype: QuantDType, granularity: str = "row", *, ch
         float32, clamped to [-qmax, qmax] and rounded half to even (int8) or to the nearest fp8 value
         (ties to even). A slice holding NaN gets a NaN scale (inf: an inf scale) and zeros in q, so
         q * scale is NaN there: a non-finite value spoils only its own slice. Tensor granularity
-        needs no host sync (the amax stays on the device).
+        needs no host sync (the amax stays on the device). q and scale carry no gradient.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     qname = _qname(dtype)
@@ -372,7 +395,10 @@ def quantize(x: torch.Tensor, dtype: QuantDType, granularity: str = "row", *, ch
     if m == 0 or n == 0:
         q = torch.zeros(x.shape, dtype=QDTYPE[qname], device=x.device)
         return q, torch.ones(scale_shape, dtype=torch.float32, device=x.device)
-    q, scale = dispatch(_quantize_op, _quantize_impl, x.reshape(m, n).contiguous(), qname, granularity, backend)
+    # detached: q and scale have no gradient on any path (the torch path runs under no_grad), and the
+    # custom op has no backward, so torch.compile failed to trace a call on a requires_grad x
+    q, scale = dispatch(_quantize_op, _quantize_impl, x.detach().reshape(m, n).contiguous(), qname, granularity,
+                        backend)
     return q.reshape(x.shape), scale.reshape(scale_shape)
 
 
@@ -396,10 +422,13 @@ def scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
     Returns:
         [M, N] out_dtype. int8 products accumulate exactly in int32, fp8 ones in float32; the epilogue
         (scales, bias, activation) runs in float32 on the accumulator.
-        With quantize_output: (q [M, N], scale [M, 1] float32) instead. On the Triton path with
-        N <= 256 (one tile spans the row) the epilogue rounds y to out_dtype and quantizes it in
-        registers (y is never written); otherwise y is stored in out_dtype and then quantized. Either
-        way q and scale equal quantize(scaled_matmul(...), quantize_output, "row").
+        Differentiable in a_scale, b_scale and bias (the same torch backward on every path; the
+        out_dtype rounding passes gradients straight through); a_q and b_q get no gradient.
+        int8 needs K <= INT8_MAX_K (131071), where the int32 sums cannot overflow.
+        With quantize_output: (q [M, N], scale [M, 1] float32) instead, without gradients. On the
+        Triton path with N <= 256 (one tile spans the row) the epilogue rounds y to out_dtype and
+        quantizes it in registers (y is never written); otherwise y is stored in out_dtype and then
+        quantized. Either way q and scale equal quantize(scaled_matmul(...), quantize_output, "row").
     """
     check_tensor("a_q", a_q, ndim=2, dtypes=QUANT_DTYPES)
     check_tensor("b_q", b_q, ndim=2, dtypes=QUANT_DTYPES)
@@ -409,6 +438,9 @@ def scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
     n = b_q.shape[0]
     if b_q.shape[1] != k:
         raise ValueError(f"b_q must be [N, K] with K = {k} (a_q's dim 1), got {tuple(b_q.shape)}")
+    if a_q.dtype == torch.int8 and k > INT8_MAX_K:  # past it the int32 sums can wrap: silently wrong signs
+        raise ValueError(f"a_q: int8 GEMMs accumulate exactly in int32, which holds K <= {INT8_MAX_K}, got K = {k}; "
+                         "split K into chunks or use fp8")
     a_s = _check_scale("a_scale", a_scale, [(m, 1), (m,), ()], "per row of a_q, or one scale")
     b_s = _check_scale("b_scale", b_scale, [(1, n), (n,), (), (n, 1)], "per row of b_q, or one scale")
     if bias is not None:
@@ -426,12 +458,15 @@ def scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
         if m == 0 or n == 0:
             return (torch.zeros(m, n, dtype=QDTYPE[qname], device=a_q.device),
                     torch.ones(m, 1, dtype=torch.float32, device=a_q.device))
-        return dispatch(_scaled_matmul_quantized_op, _scaled_matmul_quantized_impl, a_q.contiguous(), a_s,
-                        b_q.contiguous(), b_s, bias, activation or "none", out_dtype, qname, backend)
-    if m == 0 or n == 0:
-        return torch.zeros(m, n, dtype=out_dtype, device=a_q.device)
+        # quantized outputs have no gradient (as quantize's): detached, so torch.compile traces the op
+        # (it has no backward) on requires_grad scales or bias
+        return dispatch(_scaled_matmul_quantized_op, _scaled_matmul_quantized_impl, a_q.detach().contiguous(),
+                        a_s.detach(), b_q.detach().contiguous(), b_s.detach(), None if bias is None else bias.detach(),
+                        activation or "none", out_dtype, qname, backend)
+    if m == 0 or n == 0:  # still joined to the scales' and bias's graph: their gradients are zeros
+        return empty_result((m, n), a_s.new_empty(0, dtype=out_dtype), a_s, b_s, bias)
     return dispatch(_scaled_matmul_op, _scaled_matmul_impl, a_q.contiguous(), a_s, b_q.contiguous(), b_s, bias,
-                    activation or "none", out_dtype, backend)
+                    activation or "none", out_dtype, backend, needs_autograd=True)
 
 
 # ----------------------------------------------------------------------------- tuning registry
