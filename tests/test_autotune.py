@@ -418,8 +418,15 @@ def _landscape(rng: random.Random, kind: str):
 @pytest.mark.parametrize("kind", ["gemm", "route"])
 def test_budgeted_reaches_95_percent_with_a_quarter_of_the_measurements(kind, batch):
     """Also in batch mode (the cost model's 8 best predictions per fit, each batch prepared, i.e.
-    compiled in parallel, before it is measured)."""
+    compiled in parallel, before it is measured).
+
+    The search is a heuristic: on a rare landscape it stops short of 95%. Measured on 10,000 route
+    landscapes: one per fit none (6 before its picks also stepped from the best config, the worst at
+    0.79), batches of 8 two (0.92, 0.94); on 1,500 gemm landscapes none in either mode. When all four
+    had to reach it the test failed about 1 run in 1,250 (batches), so three of the four must (two
+    misses: ~2e-7 a run), while a search that does not find the winners misses on most."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    short = []
     for trial in range(4):
         rng = random.Random(seed + trial)
         configs, cost = _landscape(rng, kind)
@@ -439,18 +446,21 @@ def test_budgeted_reaches_95_percent_with_a_quarter_of_the_measurements(kind, ba
                                 prepare=prepare if batch > 1 else None)
         got = min(t for t in found.values() if t is not None)
         assert len(measured) <= len(configs) // 4 and len(set(measured)) == len(measured)
-        assert best / got >= 0.95, f"seed {seed + trial}: {best / got:.3f} of the exhaustive winner's speed"
+        if best / got < 0.95:
+            short.append(f"seed {seed + trial}: {best / got:.3f} of the exhaustive winner's speed")
+    assert len(short) <= 1, short
 
 
-@pytest.mark.parametrize("seed", [1092162511, 1343504427])
-def test_budgeted_batches_step_from_the_best_config(seed):
-    """Landscapes where every batch of model picks once followed a wrong extrapolation (all at
-    num_warps=8, whose samples happened to be good elsewhere) and stopped at 0.93 of the winner:
-    part of each batch now steps from the best config so far."""
+@pytest.mark.parametrize("seed,batch", [(1092162511, 8), (1343504427, 8), (109571, 1), (104283, 1)])
+def test_budgeted_search_steps_from_the_best_config(seed, batch):
+    """Landscapes where the model's picks alone stopped short: every batch of 8 once followed a wrong
+    extrapolation (all at num_warps=8, whose samples happened to be good elsewhere; 0.93 of the
+    winner), and one pick per fit stopped two steps from it (0.79 and 0.83). A quarter of the picks
+    now step from the best config so far."""
     rng = random.Random(seed)
     configs, cost = _landscape(rng, "route")
     best = min(t for t in search.exhaustive(configs, cost).values() if t is not None)
-    found = search.budgeted(configs, cost, seed=rng.randrange(1000), batch=8, prepare=lambda g: None)
+    found = search.budgeted(configs, cost, seed=rng.randrange(1000), batch=batch, prepare=lambda g: None)
     assert len(found) <= len(configs) // 4
     assert best / min(t for t in found.values() if t is not None) >= 0.95
 
