@@ -302,7 +302,10 @@ def activation_and_grad(z: Tensor, name: Optional[str]) -> tuple[Tensor, Optiona
     if name == "gelu_tanh":
         c = 0.7978845608028654
         s = torch.sigmoid(2 * c * (z + 0.044715 * z * z * z))
-        return z * s, s + z * 2 * s * (1 - s) * c * (1 + 3 * 0.044715 * z * z)
+        # past |z| = 30, s (1 - s) is exactly 0 in every dtype; unclamped, z * z overflows float16 past
+        # |z| ~ 700 (the CUDA fallback's dtype) and 0 * inf made the gradient NaN
+        zc = z.clamp(-30, 30)
+        return z * s, s + 2 * c * s * (1 - s) * zc * (1 + 3 * 0.044715 * zc * zc)
     raise ValueError(f"unknown activation {name!r}")
 
 

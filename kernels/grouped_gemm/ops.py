@@ -8,7 +8,8 @@ leading dims and normalize indices to int64 [T, k]; the custom ops pick the back
 
 Index range check: indices outside [0, G) raise ValueError. On CUDA this reads one min/max pair
 on the host (a sync); it is skipped while torch.compile traces (torch.compiler.is_compiling())
-and while a CUDA graph is being captured (a sync would break the capture). The Triton path stays
+and while a CUDA graph is being captured (a sync would break the capture); meta tensors hold no ids
+(their calls run the fake implementation, which gives the output shape). The Triton path stays
 memory-safe without it: the device grouping puts out-of-range ids in no tile, so no kernel ever
 reads through them (their output rows are then undefined). That is why the Triton path reads the
 pair only after its kernels are queued (`_IndexBounds`): the min/max and their copy to pinned host
@@ -65,8 +66,9 @@ class _IndexBounds:
     def __init__(self, idx: Tensor):
         self._ready = None
         self._host = None
-        if idx.numel() == 0 or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return
+        if (idx.numel() == 0 or idx.is_meta or torch.compiler.is_compiling()
+                or (idx.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return  # (meta tensors hold no ids to check)
         bounds = torch.stack(list(torch.aminmax(idx)))
         if idx.is_cuda:
             self._host = torch.empty(2, dtype=bounds.dtype, pin_memory=True).copy_(bounds, non_blocking=True)
@@ -112,6 +114,8 @@ def _prepare_indices(indices: object, lead: tuple[int, ...], t: int) -> tuple[Te
 def _dispatch_checked(op, impl, x: Tensor, bounds: _IndexBounds, num_groups: int, backend: str, *args) -> Tensor:
     """Run the op on the range-checked indices: the Triton path checks after its launches, the torch
     path before (module docstring)."""
+    if x.is_meta:  # no data (shape inference, deferred init): the op's fake implementation gives the shape
+        return op(x, *args, backend)
     after = bounds.pending and resolve_backend(backend, x.device) == "triton"
     if not after:
         bounds.check(num_groups)
