@@ -230,7 +230,7 @@ def ours(name: str, call: Callable[[Callable, dict, str], Any], graph_row: bool 
             return Prepared(lambda: call(op, inp, backend))
         return _setup
 
-    provs = [Provider("tritonlab", "ours", setup("auto"), graph_safe=True),
+    provs = [Provider("tritonlab", "ours", setup("auto")),
              Provider(OWN_FALLBACK, "baseline", setup("torch"))]
     if graph_row:
         provs.append(Provider("tritonlab" + GRAPH_SUFFIX, "ours", captured(setup("auto"))))
