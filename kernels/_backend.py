@@ -193,6 +193,29 @@ def torch_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def activation_and_grad(z: torch.Tensor, name: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(z), act'(z)) in torch, for the backward formulas of every family (the same math as
+    torch_activation); the derivative is None for the identity."""
+    if name in (None, "none", "identity"):
+        return z, None
+    if name == "relu":
+        return F.relu(z), (z > 0).to(z.dtype)
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return z * s, s * (1 + z * (1 - s))
+    if name == "gelu":
+        cdf = 0.5 * torch.special.erfc(z * -0.7071067811865476)
+        return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    if name == "gelu_tanh":
+        c = 0.7978845608028654
+        s = torch.sigmoid(2 * c * (z + 0.044715 * z * z * z))
+        # past |z| = 30, s (1 - s) is exactly 0 in every dtype; unclamped, z * z overflows float16 past
+        # |z| ~ 700 (the CUDA fallback's dtype) and 0 * inf made the gradient NaN
+        zc = z.clamp(-30, 30)
+        return z * s, s + 2 * c * s * (1 - s) * zc * (1 + 3 * 0.044715 * zc * zc)
+    raise ValueError(f"unknown activation {name!r}")
+
+
 def check_width(name: str, n: int, what: str) -> None:
     """ValueError naming the argument when a feature width is 0 (a layer of no features means nothing)."""
     if n < 1:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tritonlab
-from tritonlab.kernels.grouped_gemm.fallback import activation_and_grad
+from tritonlab.kernels._backend import activation_and_grad
 
 from helpers import rand
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._backend import cpu_workspace, torch_activation
+from .._backend import activation_and_grad, cpu_workspace, torch_activation
 
 Tensor = torch.Tensor
 
@@ -286,28 +286,6 @@ class SlotLayout:
 
 
 # ----------------------------------------------------------------------------- activations
-
-def activation_and_grad(z: Tensor, name: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
-    """(act(z), act'(z)); the derivative is None for the identity."""
-    if name in (None, "none", "identity"):
-        return z, None
-    if name == "relu":
-        return F.relu(z), (z > 0).to(z.dtype)
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return z * s, s * (1 + z * (1 - s))
-    if name == "gelu":
-        cdf = 0.5 * torch.special.erfc(z * -0.7071067811865476)
-        return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    if name == "gelu_tanh":
-        c = 0.7978845608028654
-        s = torch.sigmoid(2 * c * (z + 0.044715 * z * z * z))
-        # past |z| = 30, s (1 - s) is exactly 0 in every dtype; unclamped, z * z overflows float16 past
-        # |z| ~ 700 (the CUDA fallback's dtype) and 0 * inf made the gradient NaN
-        zc = z.clamp(-30, 30)
-        return z * s, s + 2 * c * s * (1 - s) * zc * (1 + 3 * 0.044715 * zc * zc)
-    raise ValueError(f"unknown activation {name!r}")
-
 
 def hidden_forward(u: Tensor, name: Optional[str], inplace: bool = False) -> Tensor:
     """The leaf hidden layer from its pre-activation u; swiglu: silu(u[:, :H]) * u[:, H:]."""

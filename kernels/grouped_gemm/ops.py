@@ -33,7 +33,8 @@ from .._backend import (INDEX_DTYPES, cdiv, check_activation, check_backend, che
 from .._triton import ACTIVATION_CODES, interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
-from .fallback import activation_and_grad, hidden_backward, hidden_forward
+from .._backend import activation_and_grad
+from .fallback import hidden_backward, hidden_forward
 from .grouping import DIRECT_MAX_GROUPS, DIRECT_MAX_SLOTS, CountedGrouping, DeviceGrouping
 from .triton_kernels import grouped_gemm_kernel, grouped_wgrad_kernel, leaf_mlp_fused_kernel, slot_sum_kernel
 

@@ -18,8 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import cpu_workspace, torch_activation
-from ..grouped_gemm.fallback import activation_and_grad
+from .._backend import activation_and_grad, cpu_workspace, torch_activation
 
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 #: the smallest scale of a non-zero slice, 2**-126 (the smallest normal float32): its reciprocal is
@@ -129,11 +128,9 @@ def scaled_matmul_backward_torch(grad: torch.Tensor, a_q: torch.Tensor, a_scale:
     dz = grad * act'(z), the out_dtype rounding passed straight through. The 8-bit operands get none."""
     acc = _accumulate(a_q, b_q).float()
     a_col, b_row = a_scale.reshape(-1, 1), b_scale.reshape(1, -1)
-    dz = grad.float()
-    if activation not in (None, "none", "identity"):
-        z = acc * a_col * b_row
-        _, d_act = activation_and_grad(z if bias is None else z + bias.float(), activation)
-        dz = dz * d_act
+    z = acc * a_col * b_row
+    _, d_act = activation_and_grad(z if bias is None else z + bias.float(), activation)
+    dz = grad.float() if d_act is None else grad.float() * d_act
     d_acc = dz * acc
     d_a, d_b = (d_acc * b_row).sum(1), (d_acc * a_col).sum(0)
     # one scale for all rows (columns): the sum of the per-row (per-column) gradients
