@@ -3,8 +3,10 @@ convolutions) on the fused spectral kernels."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,6 +14,11 @@ from .._backend import FLOAT_DTYPES, check_backend, check_tensor
 from .ops import fft_conv, fnet_mix, spectral_filter
 
 MODES = ("fnet", "filter", "adaptive", "conv")
+
+
+def _is_int(v: object) -> bool:
+    """An integer (numpy integers too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 class _Sin(nn.Module):
@@ -51,22 +58,33 @@ class FFTTokenMixer(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(dim, int) or dim < 1:
+        if not _is_int(dim) or dim < 1:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
-        if mode != "fnet" and (not isinstance(seq_len, int) or seq_len < 1):
+        if mode != "fnet" and (not _is_int(seq_len) or seq_len < 1):
             raise ValueError(f"seq_len must be an int >= 1 for mode {mode!r}, got {seq_len!r}")
+        if hidden is not None and (not _is_int(hidden) or hidden < 1):
+            raise ValueError(f"hidden must be None or an int >= 1, got {hidden!r}")
+        try:
+            std = float(filter_std)
+        except (TypeError, ValueError, RuntimeError):
+            std = math.nan
+        if not 0 <= std < math.inf:
+            raise ValueError(f"filter_std must be a finite number >= 0, got {filter_std!r}")
+        dim, seq_len = int(dim), (int(seq_len) if _is_int(seq_len) else seq_len)
         self.dim, self.seq_len, self.mode, self.backend = dim, seq_len, mode, check_backend(backend)
         if mode in ("filter", "adaptive"):
             # GFNet's complex_weight layout: [..., 2] real pairs, viewed as complex in forward
             self.filter = nn.Parameter(torch.randn(seq_len // 2 + 1, dim, 2) * filter_std)
         if mode == "adaptive":
-            hidden = hidden or max(16, dim // 4)
+            hidden = max(16, dim // 4) if hidden is None else int(hidden)
             self.context_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * dim))
             nn.init.zeros_(self.context_mlp[2].weight)
             nn.init.zeros_(self.context_mlp[2].bias)
         if mode == "conv":
-            if conv_order < 1 or conv_bands < 0:
-                raise ValueError(f"conv_order must be >= 1 and conv_bands >= 0, got {conv_order}, {conv_bands}")
+            if not (_is_int(conv_order) and _is_int(conv_bands)) or conv_order < 1 or conv_bands < 0:
+                raise ValueError(f"conv_order must be an int >= 1 and conv_bands an int >= 0, got {conv_order!r}, "
+                                 f"{conv_bands!r}")
+            conv_order, conv_bands = int(conv_order), int(conv_bands)
             self.conv_bands = conv_bands
             emb = 1 + 2 * conv_bands
             self.implicit_filter = nn.Sequential(
@@ -88,15 +106,19 @@ class FFTTokenMixer(nn.Module):
         return torch.view_as_complex(pairs)
 
     def conv_kernel(self, s: int) -> torch.Tensor:
-        """The implicit kernel k [s, D] of mode "conv" for a sequence of length s."""
+        """The implicit kernel k [s, D] of mode "conv" for a sequence of length s (in the parameters'
+        dtype). Positions, their sine features and the decay envelope are computed in float32 (float64
+        for a float64 module) and then rounded: in bfloat16 the positions themselves would collapse
+        (only 256 integers are exact; 16384 positions gave 1025 distinct kernel rows)."""
         dev, dt = self.bias.device, self.bias.dtype
-        t = torch.arange(s, device=dev, dtype=dt)[:, None] / self.seq_len
+        ct = torch.float64 if dt == torch.float64 else torch.float32
+        t = torch.arange(s, device=dev, dtype=ct)[:, None] / self.seq_len
         feats = [t]
         if self.conv_bands:
-            f = torch.arange(1, self.conv_bands + 1, device=dev, dtype=dt)[None, :]
+            f = torch.arange(1, self.conv_bands + 1, device=dev, dtype=ct)[None, :]
             feats += [torch.cos(2 * math.pi * f * t), torch.sin(2 * math.pi * f * t)]
-        h = self.implicit_filter(torch.cat(feats, dim=1))
-        return h * torch.exp(-t * self.decay.to(dt))
+        h = self.implicit_filter(torch.cat(feats, dim=1).to(dt))
+        return h * torch.exp(-t * self.decay.to(ct)).to(dt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.float64,))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .._backend import check_backend
+from .._backend import FLOAT_DTYPES, check_backend
 from .ops import LEAF_ACTIVATIONS, leaf_mlp
 
 
@@ -29,8 +30,16 @@ class LeafMLP(nn.Module):
         output_width = input_width if output_width is None else output_width
         for name, v in (("num_groups", num_groups), ("input_width", input_width), ("hidden_width", hidden_width),
                         ("output_width", output_width)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        num_groups, input_width, hidden_width, output_width = (int(v) for v in (num_groups, input_width, hidden_width,
+                                                                               output_width))
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            # leaf_mlp runs float32 / float16 / bfloat16 weights only: refuse a layer no forward could run
+            names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+            raise TypeError(f"dtype must be one of ({names}) or None, got {dtype}")
         if activation not in LEAF_ACTIVATIONS:
             raise ValueError(f"activation must be one of {LEAF_ACTIVATIONS}, got {activation!r}")
         self.num_groups, self.input_width, self.hidden_width, self.output_width = num_groups, input_width, hidden_width, output_width

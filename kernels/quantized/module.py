@@ -10,6 +10,7 @@ from .._backend import check_activation, check_backend, check_same_device, check
 from .ops import QDTYPE, QuantDType, _qname, quantize, scaled_matmul, scaled_matmul_path
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+_QNAME_OF_STORAGE = {storage: name for name, storage in QDTYPE.items()}
 
 
 def _activation_name(activation: Union[str, nn.Module, None]) -> Optional[str]:
@@ -68,10 +69,12 @@ class QuantizedFFN(nn.Module):
         self.backend = check_backend(backend)
         self.register_buffer("w1_q", w1_q)
         self.register_buffer("w1_scale", w1_scale)
-        self.register_buffer("b1", None if b1 is None else b1.detach().float())
+        # copies, never views of the float layers' biases (from_float passes linear.bias itself): the
+        # quantized module is a snapshot, which further training of the float layers leaves alone
+        self.register_buffer("b1", None if b1 is None else b1.detach().to(torch.float32, copy=True))
         self.register_buffer("w2_q", w2_q)
         self.register_buffer("w2_scale", w2_scale)
-        self.register_buffer("b2", None if b2 is None else b2.detach().float())
+        self.register_buffer("b2", None if b2 is None else b2.detach().to(torch.float32, copy=True))
         self.float_weight_bytes = float_weight_bytes
 
     @classmethod
@@ -91,17 +94,20 @@ class QuantizedFFN(nn.Module):
         if linear2.in_features != linear1.out_features:
             raise ValueError(f"linear2 must take linear1's {linear1.out_features} outputs, "
                              f"got in_features={linear2.in_features}")
-        for name, lin in (("linear1", linear1), ("linear2", linear2)):
-            for what, p in (("weight", lin.weight), ("bias", lin.bias)):
-                if p is not None:
-                    check_tensor(f"{name}.{what}", p)
-                    if not torch.isfinite(p).all():
-                        raise ValueError(f"{name}.{what} holds NaN or inf: a quantization scale would be NaN")
+        params = {f"{name}.{what}": p for name, lin in (("linear1", linear1), ("linear2", linear2))
+                  for what, p in (("weight", lin.weight), ("bias", lin.bias)) if p is not None}
+        for name, p in params.items():
+            check_tensor(name, p)
+        device = check_same_device(**params)
+        finite_check = device.type != "meta"  # meta tensors hold no values (a model skeleton)
+        for name, p in params.items():
+            if finite_check and not torch.isfinite(p).all():
+                raise ValueError(f"{name} holds NaN or inf: a quantization scale would be NaN")
         qname = _qname(dtype)
         float_bytes = sum(p.numel() * p.element_size() for lin in (linear1, linear2) for p in lin.parameters())
         with torch.no_grad():
-            w1_q, w1_s = quantize(linear1.weight.detach(), qname, "row", check_finite=True, backend=backend)
-            w2_q, w2_s = quantize(linear2.weight.detach(), qname, "row", check_finite=True, backend=backend)
+            w1_q, w1_s = quantize(linear1.weight.detach(), qname, "row", check_finite=finite_check, backend=backend)
+            w2_q, w2_s = quantize(linear2.weight.detach(), qname, "row", check_finite=finite_check, backend=backend)
         return cls(w1_q, w1_s, linear1.bias, w2_q, w2_s, linear2.bias, _activation_name(activation), qname,
                    float_weight_bytes=float_bytes, backend=backend)
 
@@ -116,6 +122,25 @@ class QuantizedFFN(nn.Module):
             if moved.dtype != b.dtype:
                 self._buffers[name] = b.to(moved.device)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse a checkpoint of another quantized format: load_state_dict would cast its int8 / fp8
+        values into this module's type (copy_), silently turning them into garbage against their scales.
+        Nothing is loaded then, and load_state_dict raises naming the buffer and both formats."""
+        bad = []
+        for name in ("w1_q", "w2_q"):
+            key, own = prefix + name, self._buffers.get(name)
+            theirs = state_dict.get(key)
+            if isinstance(theirs, torch.Tensor) and own is not None and theirs.dtype != own.dtype:
+                fmt = _QNAME_OF_STORAGE.get(theirs.dtype, str(theirs.dtype).replace("torch.", ""))
+                bad.append(f"{key} holds {fmt} values ({theirs.dtype}), but this QuantizedFFN stores {self.qdtype} "
+                           f"({own.dtype}); build the module with dtype={fmt!r} to load this checkpoint")
+        if bad:
+            error_msgs.extend(bad)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] float32/float16/bfloat16 -> [..., O] in x's dtype."""
