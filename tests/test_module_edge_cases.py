@@ -151,6 +151,20 @@ def test_quantized_ffn_from_meta_linears_and_device_mix():
         tritonlab.QuantizedFFN.from_float(nn.Linear(16, 24), l2, "gelu", "int8")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -0.5, float("inf")])
+@pytest.mark.parametrize("which", ["w1_scale", "w2_scale"])
+def test_quantized_ffn_refuses_unusable_scales(which, bad):
+    """A NaN, zero, negative or infinite weight scale (a hand-built module) would corrupt every
+    output; the constructor names the scale instead."""
+    src = tritonlab.QuantizedFFN.from_float(*_linears(), "relu", "int8", backend="torch")
+    parts = {n: getattr(src, n) for n in ("w1_q", "w1_scale", "b1", "w2_q", "w2_scale", "b2")}
+    parts[which] = parts[which].clone()
+    parts[which][int(torch.randint(parts[which].shape[0], ()))] = bad
+    with pytest.raises(ValueError, match=which):
+        tritonlab.QuantizedFFN(parts["w1_q"], parts["w1_scale"], parts["b1"], parts["w2_q"], parts["w2_scale"],
+                               parts["b2"], "relu", "int8")
+
+
 # ----------------------------------------------------------------------------- FFTTokenMixer
 
 @pytest.mark.parametrize("name,call", [

@@ -63,7 +63,11 @@ class QuantizedFFN(nn.Module):
                 check_tensor(name, bias)
                 if tuple(bias.shape) != (rows,):
                     raise ValueError(f"{name} must be [{rows}], got shape {tuple(bias.shape)}")
-        check_same_device(w1_q=w1_q, w1_scale=w1_scale, b1=b1, w2_q=w2_q, w2_scale=w2_scale, b2=b2)
+        device = check_same_device(w1_q=w1_q, w1_scale=w1_scale, b1=b1, w2_q=w2_q, w2_scale=w2_scale, b2=b2)
+        if device.type != "meta":  # checked once here: a NaN, zero or negative scale would corrupt every output
+            for name, scale in (("w1_scale", w1_scale), ("w2_scale", w2_scale)):
+                if not bool(((scale > 0) & torch.isfinite(scale)).all()):
+                    raise ValueError(f"{name} must hold finite scales > 0 (as quantize returns them)")
         w1_scale, w2_scale = w1_scale.reshape(h, 1), w2_scale.reshape(o, 1)
         self.input_width, self.hidden_width, self.output_width = d, h, o
         self.backend = check_backend(backend)
