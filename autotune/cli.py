@@ -73,7 +73,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fmt_ms(v: Optional[float]) -> str:
-    return "-" if v is None else (f"{v:.4f}" if v < 1 else f"{v:.3f}")
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):  # a hand-edited entry: show it as it is
+        return str(v)
+    return f"{v:.4f}" if v < 1 else f"{v:.3f}"
+
+
+def _fmt_speedup(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}x" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
 def _fmt_config(cfg: Optional[dict]) -> str:
@@ -85,7 +95,7 @@ def _fmt_shape(shape: dict) -> str:
 
 
 def _geomean(values: list[float]) -> Optional[float]:
-    vals = [v for v in values if v and v > 0]
+    vals = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
 
 
@@ -113,9 +123,8 @@ def _show(args: argparse.Namespace, console) -> int:
     for col in ("kernel", "dtype", "bucket", "config", "tuned ms", "default ms", "speedup", "source", "date"):
         table.add_column(col, justify="right" if col.endswith(("ms", "speedup")) else "left")
     for kernel, dtype, key, entry, source in rows:
-        sp = entry.get("speedup")
         table.add_row(kernel, dtype, key, _fmt_config(entry.get("config")), _fmt_ms(entry.get("time_ms")),
-                      _fmt_ms(entry.get("default_time_ms")), "-" if sp is None else f"{sp:.2f}x",
+                      _fmt_ms(entry.get("default_time_ms")), _fmt_speedup(entry.get("speedup")),
                       source + ("" if entry.get("complete", True) else " (partial)"), str(entry.get("date", "")))
     console.print(table)
     return 0
@@ -132,9 +141,16 @@ def _merge(args: argparse.Namespace, console) -> int:
             console.print(f"[red]--merge: {f} does not exist[/]")
             return 2
         try:
-            slugs.add(json.loads(Path(f).read_text()).get("slug") or Path(f).stem)
+            named = json.loads(Path(f).read_text()).get("slug")
         except (ValueError, AttributeError):
-            slugs.add(Path(f).stem)
+            named = None
+        if named is not None and not isinstance(named, str):  # [1], {"a": 1} or 5: names no file
+            if args.slug is None:
+                console.print(f"[red]--merge: {f} names its device slug {named!r}, not a string; "
+                              "name the database to merge into with --slug[/]")
+                return 2
+            continue
+        slugs.add(named or Path(f).stem)
     if args.slug is None and len(slugs) > 1:
         console.print(f"[red]--merge: the files are for different devices {sorted(map(str, slugs))}; "
                       "name the database to merge into with --slug[/]")
@@ -158,10 +174,9 @@ def _closing_table(console, summaries: list[dict]) -> None:
     for col in ("kernel", "dtype", "shape", "default ms", "tuned ms", "speedup", "config", "measured", "status"):
         table.add_column(col, justify="right" if col.endswith(("ms", "speedup", "measured")) else "left")
     for s in sorted(summaries, key=lambda s: (s["kernel"], s["dtype"], s["key"])):
-        sp = s.get("speedup")
         status = s["status"] + (f": {s['reason']}" if s.get("reason") else "")
         table.add_row(s["kernel"], s["dtype"], _fmt_shape(s["shape"]), _fmt_ms(s.get("default_time_ms")),
-                      _fmt_ms(s.get("time_ms")), "-" if sp is None else f"{sp:.2f}x", _fmt_config(s.get("config")),
+                      _fmt_ms(s.get("time_ms")), _fmt_speedup(s.get("speedup")), _fmt_config(s.get("config")),
                       f"{s.get('measured', 0)}/{s.get('space', 0)}", status)
     console.print(table)
     geo = _geomean([s.get("speedup") for s in summaries if s["status"] in ("tuned", "cached")])

@@ -246,6 +246,8 @@ class TuningFile:
             return _empty(self.path.stem), None
         except OSError as e:
             return None, f"cannot read: {e}"
+        except UnicodeDecodeError as e:  # binary garbage (a ValueError, not an OSError)
+            return None, f"not UTF-8 text ({e})"
         try:
             data = json.loads(text)
         except ValueError as e:
@@ -282,6 +284,10 @@ class TuningFile:
     def _set_aside(self, why: Optional[str]) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
+        n = 1
+        while aside.exists():  # set aside twice in one second: never overwrite the earlier copy
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}-{n}")
         os.replace(self.path, aside)
         warnings.warn(f"tuning database {self.path} is corrupted ({why}); moved it to {aside.name} and "
                       "starting an empty one", RuntimeWarning, stacklevel=3)
@@ -339,11 +345,21 @@ class TuningFile:
         self.update(add)
 
 
+def _time_of(entry: Entry) -> Optional[float]:
+    """An entry's time_ms when it is a real measurement (a finite number > 0), else None: a
+    hand-edited "fast", NaN or -1 neither wins nor blocks a measured entry forever."""
+    t = entry.get("time_ms")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        return None
+    return float(t)
+
+
 def _faster(a: Entry, b: Entry) -> bool:
-    """True when entry a should win over b: complete beats incomplete, then the lower time."""
+    """True when entry a should win over b: complete beats incomplete, then the lower time (an
+    entry without a usable time loses to one with it)."""
     if bool(a.get("complete", True)) != bool(b.get("complete", True)):
         return bool(a.get("complete", True))
-    ta, tb = a.get("time_ms"), b.get("time_ms")
+    ta, tb = _time_of(a), _time_of(b)
     if ta is None:
         return False
     return tb is None or ta < tb
@@ -351,6 +367,10 @@ def _faster(a: Entry, b: Entry) -> bool:
 
 def merge_files(sources: Iterable[os.PathLike | str], dest: os.PathLike | str) -> dict[str, int]:
     """Merge database files into `dest`, keeping the faster winner per (kernel, dtype, key).
+
+    Per key: a complete entry beats a partial one (a run that ran out of time), then the lower
+    time_ms wins; on a tie, or when neither has a usable time, the entry already there is kept (the
+    destination's, else the one from the earlier source).
 
     Returns counts: {"added": new keys, "replaced": keys whose winner changed, "kept": keys left as they were}.
     """
@@ -360,13 +380,13 @@ def merge_files(sources: Iterable[os.PathLike | str], dest: os.PathLike | str) -
         data, why = TuningFile(src)._read()  # a source is only read: never set aside, even when corrupted
         if data is None:
             raise ValueError(f"cannot merge {src}: {why}")
-        if data.get("device"):
+        if data.get("device") and isinstance(data["device"], str):
             devices.add(data["device"])
         incoming.extend(iter_entries(data))
     counts = {"added": 0, "replaced": 0, "kept": 0}
 
     def merge(data: dict) -> None:
-        if data.get("device"):
+        if data.get("device") and isinstance(data["device"], str):
             devices.add(data["device"])
         for kernel, dtype, key, entry in incoming:
             by_key = data["kernels"].setdefault(kernel, {}).setdefault(dtype, {})

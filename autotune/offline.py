@@ -262,9 +262,16 @@ def run_check(kernels: Optional[Sequence[str]] = None, preset: str = "models", d
                 continue
             if (kernels and kernel not in kernels) or not entry.get("config"):
                 continue
-            # an entry's own shape (the bucket's key when it has none, as database.lookup reads it)
-            shape = {k: int(v) for k, v in (entry.get("shape") or parse_shape_key(key)).items()}
-            cfg = dict(reg[kernel].default(shape), **entry["config"])
+            try:
+                # an entry's own shape (the bucket's key when it has none, as database.lookup reads it)
+                shape = {k: int(v) for k, v in (entry.get("shape") or parse_shape_key(key)).items()}
+                cfg = dict(reg[kernel].default(shape), **entry["config"])
+                parse_dtype(dtype)
+            except Exception as e:  # noqa: BLE001  a hand-edited entry (a key that is no shape, a shape missing
+                # dims the kernel needs, an unknown dtype): no lookup would serve it either
+                print(f"compile-check: {slug}: entry {kernel} {dtype} {key!r} skipped "
+                      f"({type(e).__name__}: {e})", file=sys.stderr)
+                continue
             jobs.setdefault((kernel, tuple(shape.items()), dtype), []).append(cfg)
         if not jobs:
             raise ValueError(f"tuning database {slug!r} holds no entry to check (shipped or user file; see "

@@ -84,9 +84,14 @@ def _tune_now(kernel: _tuning.TunableKernel, shape: Mapping[str, int], dtype: to
                 warnings.warn(f"TRITONLAB_AUTOTUNE: tuning {kernel.name} {dict(shape)} failed ({result.error}); "
                               "using the heuristic default", RuntimeWarning, stacklevel=4)
                 return None
-            db.put(kernel.name, shape, dtype, result.entry())
             stats["tuned"] += 1
-            _CACHE.clear()  # a new entry can change the nearest bucket of other problems
+            try:
+                db.put(kernel.name, shape, dtype, result.entry())
+                _CACHE.clear()  # a new entry can change the nearest bucket of other problems
+            except Exception as e:  # a read-only or full config folder: the winner still serves this process
+                warnings.warn(f"TRITONLAB_AUTOTUNE: could not store the tuned {kernel.name} {dict(shape)} entry in "
+                              f"{db.user_file.path} ({type(e).__name__}: {e}); using it in this process only",
+                              RuntimeWarning, stacklevel=4)
             return dict(result.best_config)
         except Exception as e:  # never break a model's forward pass over tuning
             warnings.warn(f"TRITONLAB_AUTOTUNE: tuning {kernel.name} {dict(shape)} raised {type(e).__name__}: {e}; "

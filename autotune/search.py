@@ -38,7 +38,7 @@ def default_budget(n_configs: int) -> int:
 
 
 def _sort_values(values: Iterable[Any]) -> list[Any]:
-    vals = list(set(values))
+    vals = list({repr(v): v for v in values}.values())  # by repr, as ranks are: True and 1 are two values
     try:
         return sorted(vals)
     except TypeError:
@@ -49,7 +49,8 @@ class ConfigSpace:
     """A list of configs indexed by parameter values, for neighbourhood moves."""
 
     def __init__(self, configs: Sequence[Mapping[str, Any]]):
-        self.configs = [dict(c) for c in configs]
+        # a config listed twice is one config (measured once, counted once against a budget)
+        self.configs = [dict(c) for c in {config_key(c): c for c in configs}.values()]
         self.keys = [config_key(c) for c in self.configs]
         self.index = {k: i for i, k in enumerate(self.keys)}
         params = sorted({p for c in self.configs for p in c})

@@ -434,6 +434,11 @@ def run(tasks: list[Task], opts: BenchOptions, on_start: Optional[Callable[[Task
 # ----------------------------------------------------------------------------- results
 
 
+#: the RESULT_COLUMNS that hold numbers (to_frame coerces them; anything else there becomes NaN)
+NUMERIC_COLUMNS = ["size", "median_ms", "p20_ms", "p80_ms", "reps", "flops", "bytes", "tflops", "gbps", "roofline_ms",
+                   "roofline_frac", "speedup", "ours_speedup", "rel_err", "max_abs_err", "tolerance", "seed"]
+
+
 def to_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows -> DataFrame with exactly RESULT_COLUMNS (missing ones empty), in a stable order."""
     df = pd.DataFrame(rows)
@@ -441,12 +446,10 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
         if c not in df.columns:
             df[c] = None
     df = df[RESULT_COLUMNS]
-    numeric = ["size", "median_ms", "p20_ms", "p80_ms", "reps", "flops", "bytes", "tflops", "gbps", "roofline_ms",
-               "roofline_frac", "speedup", "ours_speedup", "rel_err", "max_abs_err", "tolerance", "seed"]
-    for c in numeric:
+    for c in NUMERIC_COLUMNS:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     for c in ("note", "timer", "bound", "primary_baseline"):
-        df[c] = df[c].fillna("").astype(str)
+        df[c] = df[c].astype(object).fillna("").astype(str)  # object first: an all-empty CSV column is float64
     return df
 
 

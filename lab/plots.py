@@ -22,7 +22,9 @@ def speedup_plot(df: pd.DataFrame, family: str, path: str) -> Optional[str]:
     """Grouped bars, one panel per kernel: x = shape and dtype, one bar per baseline, height = our
     speedup over that baseline (baseline median / our median; > 1 means tritonlab is faster).
     Returns the path, or None when the family has no pair of timed results."""
-    sub = df[(df["family"] == family) & (df["role"] == "baseline") & df["ours_speedup"].notna()]
+    sp = pd.to_numeric(df["ours_speedup"], errors="coerce")
+    # log axis: only positive finite speedups (a 0 or inf median, as in a hand-edited results.csv, has none)
+    sub = df[(df["family"] == family) & (df["role"] == "baseline") & np.isfinite(sp) & (sp > 0)]
     if sub.empty:
         return None
     plt = _plt()
@@ -63,7 +65,8 @@ def speedup_plot(df: pd.DataFrame, family: str, path: str) -> Optional[str]:
 def scaling_plot(df: pd.DataFrame, family: str, path: str) -> Optional[str]:
     """Median time against the sweep variable, one panel per kernel x fixed-parameters series x dtype
     that has at least two sizes; one line per provider (p20-p80 as error bars)."""
-    sub = df[(df["family"] == family) & (df["status"] == "ok") & df["median_ms"].notna() & df["size"].notna()]
+    med = pd.to_numeric(df["median_ms"], errors="coerce")
+    sub = df[(df["family"] == family) & (df["status"] == "ok") & np.isfinite(med) & (med > 0) & df["size"].notna()]
     panels = []
     for (kernel, series, dtype), g in sub.groupby(["kernel", "series", "dtype"], sort=False):
         if g["size"].nunique() >= 2:

@@ -187,6 +187,9 @@ def to_markdown(rows: list[dict], device: torch.device, preset: str, calls: int,
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.calls < 1:  # the table's title states the count: never one it did not use
+        print(f"tritonlab profile: --calls must be >= 1, got {args.calls}", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     preset = args.preset or ("models" if device.type == "cuda" else "quick")
     try:

@@ -38,6 +38,9 @@ COMPARE_KEYS = ["family", "kernel", "shape", "dtype", "provider"]
 QUICK_TIME_LIMIT_S = 90.0
 #: rows measured so far, rewritten after every task of a run (removed when the report is written)
 PARTIAL_CSV = "results.partial.csv"
+#: results.csv columns computed from the others (finalize, roofline.annotate): --rebuild recomputes them
+DERIVED_COLUMNS = ("tflops", "gbps", "roofline_ms", "roofline_frac", "bound", "primary_baseline", "speedup",
+                   "ours_speedup")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -86,13 +89,33 @@ def rebuild(folder: str | os.PathLike, out_dir: Optional[str | os.PathLike] = No
     baselines, roofline shares, tables and plots follow the current rules. The command line in
     the README says so."""
     folder = Path(folder)
-    env = json.loads((folder / "environment.json").read_text())
-    ceil = roofline.Ceilings.from_json((folder / "roofline.json").read_text())
-    df = roofline.annotate(bench.finalize(load_results(folder / "results.csv")), ceil)
+    try:
+        env = json.loads((folder / "environment.json").read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{folder / 'environment.json'} is not JSON ({e})") from None
+    if not isinstance(env, dict):
+        raise ValueError(f"{folder / 'environment.json'} is not a JSON object")
+    try:
+        ceil = roofline.Ceilings.from_json((folder / "roofline.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{folder / 'roofline.json'}: {e}") from None
+    raw = load_results(folder / "results.csv")
+    notes = []
+    # a results.csv of an older tritonlab (or edited by hand): the derived columns are recomputed
+    # anyway; a missing measured one is left empty and said so, a non-number in a numeric one too
+    missing = [c for c in bench.RESULT_COLUMNS if c not in raw.columns and c not in DERIVED_COLUMNS]
+    if missing:
+        notes.append(f"results.csv has no column(s) {', '.join(missing)}: left empty in this rebuild")
+    df = bench.to_frame(raw.to_dict("records"))
+    garbled = [c for c in bench.NUMERIC_COLUMNS if c in raw.columns and c not in DERIVED_COLUMNS
+               and int(raw[c].notna().sum()) != int(df[c].notna().sum())]
+    if garbled:
+        notes.append(f"results.csv has values that are not numbers in column(s) {', '.join(garbled)}: left empty")
+    df = roofline.annotate(bench.finalize(df), ceil)
     families = list(dict.fromkeys(df["family"]))
     kernels = set(df["kernel"])
     commit = env.get("commit", "?")
-    return write_report(df, ceil, Path(out_dir) if out_dir else folder,
+    return write_report(df, ceil, Path(out_dir) if out_dir else folder, notes=notes,
                         source=f"measurements of {env.get('date', '?')} at commit {commit}, tables rebuilt",
                         command=f"tritonlab report --rebuild {folder.as_posix()}", env=env, families=families,
                         selected=[c for c in cases.CASES if c.kernel in kernels])
@@ -102,9 +125,16 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         return run_compare(args.compare[0], args.compare[1], args.threshold, args.all_providers)
     if args.rebuild:
-        out = rebuild(args.rebuild, args.out)
+        try:
+            out = rebuild(args.rebuild, args.out)
+        except (OSError, ValueError) as e:
+            print(f"tritonlab report --rebuild: {e}", file=sys.stderr)
+            return 2
         print(f"tritonlab report: rebuilt {out / 'README.md'} from {args.rebuild}")
         return 0
+    if args.time_limit is not None and not args.time_limit >= 0:  # NaN fails too
+        print(f"tritonlab report: --time-limit must be a number of seconds >= 0, got {args.time_limit}", file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     preset = "quick" if args.quick else (args.preset or ("models" if device.type == "cuda" else "cpu"))
     out_dir = Path(args.out) if args.out else default_out_dir(device)
@@ -116,7 +146,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     notes: list[str] = []
     if args.from_benchmark_json:
-        rows, json_notes = rows_from_benchmark_json(args.from_benchmark_json, args.kernel)
+        try:
+            rows, json_notes = rows_from_benchmark_json(args.from_benchmark_json, args.kernel)
+        except (OSError, ValueError) as e:
+            print(f"tritonlab report --from-benchmark-json: {e}", file=sys.stderr)
+            return 2
         notes += json_notes
         source = f"pytest-benchmark JSON {os.path.basename(args.from_benchmark_json)}"
     else:
@@ -555,16 +589,25 @@ def rows_from_benchmark_json(path: str, kernels: Optional[list[str]] = None) -> 
     """Result rows from pytest-benchmark's JSON (tests/bench_cpu.py puts each row's metadata in
     extra_info). p20/p80 come from the raw samples when the JSON has them (--benchmark-save-data),
     else from the quartiles."""
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
+        raise ValueError(f"{path} is not pytest-benchmark JSON (no list of benchmarks)")
     rows, notes, quartiles = [], [], False
     for bm in data.get("benchmarks", []):
+        if not isinstance(bm, dict) or not isinstance(bm.get("extra_info") or {}, dict):
+            raise ValueError(f"{path}: a benchmark that is not a pytest-benchmark record: {str(bm)[:80]}")
         info = dict(bm.get("extra_info") or {})
         if "kernel" not in info:
             continue
         if kernels and info.get("family") not in kernels and info.get("kernel") not in kernels:
             continue
-        stats = bm.get("stats", {})
+        stats = bm.get("stats") or {}
+        if not isinstance(stats, dict) or not (stats.get("data") or "median" in stats):
+            raise ValueError(f"{path}: benchmark {bm.get('name', '?')!r} has no timings (stats.median or stats.data)")
         raw = stats.get("data")
         if raw:
             med, p20, p80 = bench._quantiles([1e3 * v for v in raw])

@@ -53,7 +53,18 @@ class Ceilings:
 
     @classmethod
     def from_json(cls, text: str) -> "Ceilings":
-        return cls(**json.loads(text))
+        """The ceilings written by to_json; ValueError naming what is wrong for anything else."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object of ceilings")
+        try:
+            return cls(device=str(data.get("device", "?")), bandwidth_gbs=float(data["bandwidth_gbs"]),
+                       peaks_tflops={str(k): float(v) for k, v in dict(data.get("peaks_tflops") or {}).items()},
+                       details={str(k): str(v) for k, v in dict(data.get("details") or {}).items()})
+        except KeyError as e:
+            raise ValueError(f"no {e} in the ceilings") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"ceilings of the wrong type ({e})") from None
 
 
 def _time(fn, device: torch.device, budget_s: float) -> float:
