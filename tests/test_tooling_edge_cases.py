@@ -289,3 +289,27 @@ def test_compile_check_tuned_skips_entries_it_cannot_build(dirs, capsys):
         run_check(["tree_route"], configs="tuned", slug="gpu_cc")
     err = capsys.readouterr().err
     assert err.count("skipped") == 3 and "KeyError" in err and "bogus" in err
+
+
+# ----------------------------------------------------------------------------- kernel_probe (ncu's program)
+
+def test_kernel_probe_runs_a_registered_kernel_and_checks_it(capsys):
+    from tritonlab import kernel_probe
+
+    t = int(np.random.randint(1, 40))
+    assert kernel_probe.main(["tree_route", f"T={t},D=12,depth=3", "--dtype", "float32", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"'T': {t}" in out and "error 0 " in out  # leaves are exact: any wrong one would show here
+
+
+@pytest.mark.parametrize("argv,what", [
+    (["nope", "T=4"], "unknown kernel"),
+    (["tree_route", "T=x,D=4"], "shape must look like"),
+    (["tree_route", "T=4,D=4,depth=1", "--dtype", "float3000"], "--dtype"),
+    (["tree_route", "T=4,D=4,depth=1", "--calls", "0"], "--calls"),
+])
+def test_kernel_probe_bad_arguments_exit_2(argv, what, capsys):
+    from tritonlab import kernel_probe
+
+    assert kernel_probe.main(argv) == 2
+    assert what in capsys.readouterr().err

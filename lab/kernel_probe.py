@@ -1,0 +1,68 @@
+"""Run one registered tunable kernel on one shape, a few times, with the config its launcher would
+use here (the tuned entry, else the heuristic default): the program that Nsight Compute (`ncu`)
+profiles for the stall reasons and memory traffic that CUDA events cannot show.
+
+    python -m tritonlab.kernel_probe spectral_filter B=64,S=1024,D=768 [--dtype bfloat16] [--calls 3]
+
+`.ci/gpu ncu` runs it under `ncu --set full` for the kernels whose reports are furthest from their
+rooflines (the list is there). The first call compiles; ncu's --launch-skip passes over it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from .kernels import _tuning
+
+
+def parse_shape(text: str) -> dict[str, int]:
+    """'B=64,S=1024,D=768' -> {'B': 64, 'S': 1024, 'D': 768}."""
+    shape = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"shape must look like B=64,S=1024,D=768, got {text!r}")
+        shape[name.strip()] = int(value)
+    return shape
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tritonlab.kernel_probe", description=__doc__.splitlines()[0])
+    p.add_argument("kernel", help="a registered tunable kernel (tritonlab autotune --show lists them)")
+    p.add_argument("shape", help="NAME=INT pairs, e.g. B=64,S=1024,D=768")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--calls", type=int, default=3)
+    args = p.parse_args(argv)
+    kernels = _tuning.registered()
+    if args.kernel not in kernels:
+        print(f"kernel_probe: unknown kernel {args.kernel!r}; registered: {', '.join(sorted(kernels))}", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype) or args.calls < 1:
+        print(f"kernel_probe: --dtype must name a torch dtype and --calls be >= 1, got {args.dtype!r}, {args.calls}",
+              file=sys.stderr)
+        return 2
+    try:
+        shape = parse_shape(args.shape)
+    except ValueError as e:
+        print(f"kernel_probe: {e}", file=sys.stderr)
+        return 2
+    kernel = kernels[args.kernel]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = _tuning.lookup_config(kernel.name, shape, dtype, device)
+    inputs = kernel.make_inputs(shape, dtype, device)
+    for _ in range(args.calls):
+        out = kernel.run(inputs, dict(config))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    error = kernel.error(inputs, out)
+    print(f"{kernel.name} {shape} {args.dtype} config {config}: {args.calls} calls, error {error:.3g} "
+          f"(tolerance {kernel.tolerance(dtype):.3g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
