@@ -305,9 +305,11 @@ def dispatch(op, impl, *args, needs_autograd: bool = False):
     The dispatcher is needed while torch.compile traces (so the graph holds the op as one node) and
     when autograd must record the op's backward; otherwise its Python overhead (about 40 us a call,
     measured on the CPU machine) is pure launch latency for decode-size problems, so eager calls go
-    straight to the implementation. Same arguments, same results either way.
+    straight to the implementation. Same arguments, same results either way. Meta tensors (shape
+    inference, a model built on the meta device) go through the op too: its fake implementation
+    gives the shapes, where a kernel or a fallback would try to read data they do not have.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (isinstance(args[0], torch.Tensor) and args[0].is_meta):
         return op(*args)
     if needs_autograd and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return op(*args)

@@ -273,3 +273,24 @@ def test_modules_compile_in_one_graph():
     (gx,) = torch.autograd.grad(y.sum(), x)
     (gx_eager,) = torch.autograd.grad(want.sum(), x)
     torch.testing.assert_close(gx, gx_eager)
+
+
+# ----------------------------------------------------------------------------- every op on the meta device
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_every_op_gives_shapes_on_the_meta_device(backend_name):
+    """Meta tensors (shape inference, deferred init) go through each op's fake implementation on
+    either backend (_backend.dispatch): no kernel or fallback tries to read data they do not have."""
+    meta = torch.device("meta")
+    b, s, d = (int(v) for v in np.random.randint(1, 9, size=3))
+    x = torch.empty(b, s, d, device=meta)
+    x2 = x.reshape(b * s, d)
+    be = {"backend": backend_name}
+    assert tritonlab.fnet_mix(x, **be).shape == x.shape
+    assert tritonlab.spectral_filter(x, torch.empty(s // 2 + 1, d, dtype=torch.complex64, device=meta), **be).shape == x.shape
+    assert tritonlab.fft_conv(x, torch.empty(s, d, device=meta), **be).shape == x.shape
+    idx = torch.zeros(b * s, 2, dtype=torch.int64, device=meta)
+    assert tritonlab.gather_matmul_scatter(x2, torch.empty(3, d, 5, device=meta), idx, **be).shape == (b * s, 5)
+    assert tritonlab.tree_route(x, torch.empty(7, d, device=meta), **be).shape == (b, s)
+    q, scale = tritonlab.quantize(x2, "int8", **be)
+    assert q.shape == x2.shape and q.dtype == torch.int8 and scale.shape == (b * s, 1) and q.is_meta

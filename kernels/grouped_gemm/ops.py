@@ -114,9 +114,8 @@ def _prepare_indices(indices: object, lead: tuple[int, ...], t: int) -> tuple[Te
 
 def _dispatch_checked(op, impl, x: Tensor, bounds: _IndexBounds, num_groups: int, backend: str, *args) -> Tensor:
     """Run the op on the range-checked indices: the Triton path checks after its launches, the torch
-    path before (module docstring)."""
-    if x.is_meta:  # no data (shape inference, deferred init): the op's fake implementation gives the shape
-        return op(x, *args, backend)
+    path before (module docstring). Meta inputs hold no ids: nothing to check, and dispatch hands
+    them to the op's fake implementation."""
     after = bounds.pending and resolve_backend(backend, x.device) == "triton"
     if not after:
         bounds.check(num_groups)

@@ -8,9 +8,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._backend import (check_activation, check_backend, check_features, check_same_device, check_tensor,
+from .._backend import (FLOAT_DTYPES, check_activation, check_backend, check_features, check_same_device, check_tensor,
                         torch_activation)
-from .ops import fff_forward
+from .ops import MAX_DEPTH, fff_forward
+
+#: what from_fastfeedforward reads of a fastfeedforward.FFF
+_FFF_ATTRIBUTES = ("activation", "input_width", "leaf_width", "output_width", "node_weights", "node_biases",
+                   "w1s", "b1s", "w2s", "b2s")
 
 
 class FastFeedForward(nn.Module):
@@ -37,8 +41,8 @@ class FastFeedForward(nn.Module):
                         ("output_width", output_width), ("master_leaf_width", master_leaf_width)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if depth < 0:
-            raise ValueError(f"depth must be >= 0, got {depth}")
+        if not 0 <= depth <= MAX_DEPTH:  # deeper trees: the kernels refuse them, and 2**25 leaves are no layer
+            raise ValueError(f"depth must be in [0, {MAX_DEPTH}], got {depth}")
         for name, v in (("input_width", input_width), ("leaf_width", leaf_width), ("output_width", output_width)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -72,7 +76,14 @@ class FastFeedForward(nn.Module):
         (`training_forward(x, use_hard_decisions=True)`; its `eval_forward` drops b2s).
         Its `train_hardened`, `dropout` and train/eval mode carry over; `region_leak` (random
         decision flips while training) has no equivalent here and is dropped with a warning.
+        The copy is on that module's device and in its dtype (float32 for a float64 module: the
+        kernels take float32, float16 and bfloat16); a module on the meta device gives one there.
         """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a fastfeedforward.FFF, got {type(module).__name__}")
+        missing = [a for a in _FFF_ATTRIBUTES if not hasattr(module, a)]
+        if missing:
+            raise TypeError(f"module must be a fastfeedforward.FFF, got a {type(module).__name__} without {', '.join(missing)}")
         act = module.activation
         if isinstance(act, nn.ReLU):
             name = "relu"
@@ -82,7 +93,8 @@ class FastFeedForward(nn.Module):
             name = "silu"
         else:
             raise ValueError(f"module.activation {type(act).__name__} has no kernel equivalent (relu, gelu, silu)")
-        depth = int(module.depth.item() if torch.is_tensor(module.depth) else module.depth)
+        # from the node count, not module.depth: that is a tensor, which has no value on the meta device
+        depth = (module.node_weights.shape[0] + 1).bit_length() - 1
         if float(getattr(module, "region_leak", 0.0) or 0.0) != 0.0:
             warnings.warn(f"module.region_leak = {module.region_leak} is not carried over: FastFeedForward trains "
                           "without region leaks", UserWarning, stacklevel=2)
@@ -90,12 +102,15 @@ class FastFeedForward(nn.Module):
                   train_hardened=bool(getattr(module, "train_hardened", False)),
                   dropout=float(getattr(module, "dropout", 0.0) or 0.0))
         out.train(module.training)
+        dtype = module.node_weights.dtype
+        # moved before the copy: a copy out of meta tensors fails, and a float16/bfloat16 module stays one
+        out.to(device=module.node_weights.device, dtype=dtype if dtype in FLOAT_DTYPES else torch.float32)
         with torch.no_grad():
             out.node_weight.copy_(module.node_weights)
             out.node_bias.copy_(module.node_biases.reshape(-1))
             for mine, theirs in ((out.w1, module.w1s), (out.b1, module.b1s), (out.w2, module.w2s), (out.b2, module.b2s)):
                 mine.copy_(theirs)
-        return out.to(module.node_weights.device)
+        return out
 
     def forward(self, x: torch.Tensor, return_leaf_counts: bool = False):
         """x [..., input_width] -> [..., output_width] (and int64 [2**depth] leaf counts on request)."""
@@ -113,7 +128,9 @@ class FastFeedForward(nn.Module):
                 from .ops import tree_route
                 leaf = tree_route(x.detach(), self.node_weight.detach().to(x.dtype), self.node_bias.detach().to(x.dtype),
                                   backend=self.backend).reshape(-1).long()
-                counts = torch.bincount(leaf, minlength=2**self.depth)
+                # index_add_, not bincount: bincount has no meta kernel (a model on the meta device)
+                counts = torch.zeros(2**self.depth, dtype=torch.int64, device=x.device)
+                counts.index_add_(0, leaf, torch.ones_like(leaf))
         else:
             p = [t.to(x.dtype) for t in (self.node_weight, self.node_bias, self.w1, self.b1, self.w2, self.b2)]
             y = fff_forward(x, *p, self.activation, return_leaf_counts=return_leaf_counts, backend=self.backend)

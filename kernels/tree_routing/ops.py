@@ -386,7 +386,10 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
         leaf = tree_route(x2, node_weight, node_bias, backend=backend)
         y = leaf_mlp_in_range(x2, leaf, w1, b1, w2, b2, activation, backend).reshape(*lead, o)
     else:
-        c = [None if t is None else t.contiguous() for t in (node_weight, node_bias, w1, b1, w2, b2)]
+        # the node parameters get no gradient (the hard route is piecewise constant): detached, so that a
+        # trainable tree with frozen leaves does not make autograd (torch.compile's traced backward)
+        # look for a backward of the custom op, which has none
+        c = [None if t is None else t.detach().contiguous() for t in (node_weight, node_bias, w1, b1, w2, b2)]
         y, leaf = dispatch(_fff_forward_op, _fff_forward_impl, x2, *c, activation or "none", backend)
         y = y.reshape(*lead, o)
     if not return_leaf_counts:
