@@ -355,22 +355,23 @@ def _time_of(entry: Entry) -> Optional[float]:
 
 
 def _faster(a: Entry, b: Entry) -> bool:
-    """True when entry a should win over b: complete beats incomplete, then the lower time (an
-    entry without a usable time loses to one with it)."""
+    """True when entry a should win over b: an entry without a usable time loses to one with it;
+    then complete beats incomplete, then the lower time."""
+    ta, tb = _time_of(a), _time_of(b)
+    if (ta is None) != (tb is None):
+        return tb is None
     if bool(a.get("complete", True)) != bool(b.get("complete", True)):
         return bool(a.get("complete", True))
-    ta, tb = _time_of(a), _time_of(b)
-    if ta is None:
-        return False
-    return tb is None or ta < tb
+    return ta is not None and ta < tb
 
 
 def merge_files(sources: Iterable[os.PathLike | str], dest: os.PathLike | str) -> dict[str, int]:
     """Merge database files into `dest`, keeping the faster winner per (kernel, dtype, key).
 
-    Per key: a complete entry beats a partial one (a run that ran out of time), then the lower
-    time_ms wins; on a tie, or when neither has a usable time, the entry already there is kept (the
-    destination's, else the one from the earlier source).
+    Per key: an entry with a usable time_ms (a finite number > 0) beats one without, then a complete
+    entry beats a partial one (a run that ran out of time), then the lower time_ms wins; on a tie,
+    or when neither has a usable time, the entry already there is kept (the destination's, else the
+    one from the earlier source).
 
     Returns counts: {"added": new keys, "replaced": keys whose winner changed, "kept": keys left as they were}.
     """

@@ -9,11 +9,13 @@ backend="triton"/"torch" argument always wins over it.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -214,6 +216,11 @@ def activation_and_grad(z: torch.Tensor, name: str | None) -> tuple[torch.Tensor
         zc = z.clamp(-30, 30)
         return z * s, s + 2 * c * s * (1 - s) * zc * (1 + 3 * 0.044715 * zc * zc)
     raise ValueError(f"unknown activation {name!r}")
+
+
+def is_int(v: object) -> bool:
+    """An integer for a size argument: Python and numpy integers, not bools (True is no width)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 def check_width(name: str, n: int, what: str) -> None:

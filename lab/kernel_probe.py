@@ -5,7 +5,9 @@ profiles for the stall reasons and memory traffic that CUDA events cannot show.
     python -m tritonlab.kernel_probe spectral_filter B=64,S=1024,D=768 [--dtype bfloat16] [--calls 3]
 
 `.ci/gpu ncu` runs it under `ncu --set full` for the kernels whose reports are furthest from their
-rooflines (the list is there). The first call compiles; ncu's --launch-skip passes over it.
+rooflines (the list is there, with how many launches of each to skip: the first call's, which
+compiles, may be one launch or several). Exit status 1 when the output misses the reference's
+tolerance: a profile of a wrong kernel is no finding.
 """
 from __future__ import annotations
 
@@ -59,9 +61,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     error = kernel.error(inputs, out)
+    tolerance = kernel.tolerance(dtype)
     print(f"{kernel.name} {shape} {args.dtype} config {config}: {args.calls} calls, error {error:.3g} "
-          f"(tolerance {kernel.tolerance(dtype):.3g})")
-    return 0
+          f"(tolerance {tolerance:.3g}){'' if error <= tolerance else ': WRONG'}")
+    return 0 if error <= tolerance else 1
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_every_op_gives_shapes_on_the_meta_device(backend_name):
     """Meta tensors (shape inference, deferred init) go through each op's fake implementation on
     either backend (_backend.dispatch): no kernel or fallback tries to read data they do not have."""
     meta = torch.device("meta")
-    b, s, d = (int(v) for v in np.random.randint(1, 9, size=3))
+    b, s, d = (int(v) for v in torch.randint(1, 9, (3,)))
     x = torch.empty(b, s, d, device=meta)
     x2 = x.reshape(b * s, d)
     be = {"backend": backend_name}

@@ -108,6 +108,18 @@ def test_entries_without_a_usable_time_do_not_break_writes_merges_or_show(dirs, 
     assert dbm.merge_files([src], path) == {"added": 0, "replaced": 0, "kept": 1}
 
 
+def test_a_usable_time_beats_completeness_in_merges(dirs, tmp_path):
+    """A complete entry whose time is NaN or text won over a measured partial one ("complete beats
+    partial" came first), so a garbled entry still blocked a real measurement."""
+    user, _ = dirs
+    path = user / "gpu_test.json"
+    _write(path, {"D=8,T=4": dict(_entry({"B": 1}), time_ms=float("nan"), complete=True)})
+    src = tmp_path / "gpu_test.json"
+    _write(src, {"D=8,T=4": dict(_entry({"B": 2}, time_ms=0.9), complete=False)})
+    assert dbm.merge_files([src], path) == {"added": 0, "replaced": 1, "kept": 0}
+    assert TuningFile(path).load()["kernels"]["k"]["float16"]["D=8,T=4"]["config"] == {"B": 2}
+
+
 def test_merge_of_files_with_non_string_device_or_slug(dirs, tmp_path, capsys):
     """Valid JSON naming its device or slug by a list raised TypeError (unhashable) in merge_files
     and in `--merge`; now the device is ignored and the slug is a clear error unless --slug names
@@ -296,7 +308,7 @@ def test_compile_check_tuned_skips_entries_it_cannot_build(dirs, capsys):
 def test_kernel_probe_runs_a_registered_kernel_and_checks_it(capsys):
     from tritonlab import kernel_probe
 
-    t = int(np.random.randint(1, 40))
+    t = int(torch.randint(1, 40, ()))
     assert kernel_probe.main(["tree_route", f"T={t},D=12,depth=3", "--dtype", "float32", "--calls", "2"]) == 0
     out = capsys.readouterr().out
     assert f"'T': {t}" in out and "error 0 " in out  # leaves are exact: any wrong one would show here

@@ -73,6 +73,16 @@ def test_from_fastfeedforward_rejects_other_modules():
         tritonlab.FastFeedForward.from_fastfeedforward(None)
 
 
+def test_from_fastfeedforward_rejects_a_malformed_tree():
+    """A module whose node count is not 2**depth - 1 gets a ValueError naming node_weights (it
+    failed inside a copy_ with a size mismatch)."""
+    fff_pkg = pytest.importorskip("fastfeedforward")
+    theirs = fff_pkg.FFF(10, 4, 6, 2)
+    theirs.node_weights = torch.nn.Parameter(torch.randn(int(torch.randint(4, 7, ())), 10))
+    with pytest.raises(ValueError, match="node_weights must have 2\\*\\*depth - 1 rows"):
+        tritonlab.FastFeedForward.from_fastfeedforward(theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_from_fastfeedforward_keeps_dtype(dtype):
     """The copy keeps the FFF's dtype as it keeps its device (a bf16 FFF became a float32 layer, twice

@@ -3,22 +3,15 @@ convolutions) on the fused spectral kernels."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from .._backend import FLOAT_DTYPES, check_backend, check_tensor
+from .._backend import FLOAT_DTYPES, check_backend, check_tensor, is_int
 from .ops import fft_conv, fnet_mix, spectral_filter
 
 MODES = ("fnet", "filter", "adaptive", "conv")
-
-
-def _is_int(v: object) -> bool:
-    """An integer (numpy integers too), not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 class _Sin(nn.Module):
@@ -58,11 +51,11 @@ class FFTTokenMixer(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not _is_int(dim) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
-        if mode != "fnet" and (not _is_int(seq_len) or seq_len < 1):
+        if mode != "fnet" and (not is_int(seq_len) or seq_len < 1):
             raise ValueError(f"seq_len must be an int >= 1 for mode {mode!r}, got {seq_len!r}")
-        if hidden is not None and (not _is_int(hidden) or hidden < 1):
+        if hidden is not None and (not is_int(hidden) or hidden < 1):
             raise ValueError(f"hidden must be None or an int >= 1, got {hidden!r}")
         try:
             std = float(filter_std)
@@ -70,7 +63,7 @@ class FFTTokenMixer(nn.Module):
             std = math.nan
         if not 0 <= std < math.inf:
             raise ValueError(f"filter_std must be a finite number >= 0, got {filter_std!r}")
-        dim, seq_len = int(dim), (int(seq_len) if _is_int(seq_len) else seq_len)
+        dim, seq_len = int(dim), (int(seq_len) if is_int(seq_len) else seq_len)
         self.dim, self.seq_len, self.mode, self.backend = dim, seq_len, mode, check_backend(backend)
         if mode in ("filter", "adaptive"):
             # GFNet's complex_weight layout: [..., 2] real pairs, viewed as complex in forward
@@ -81,7 +74,7 @@ class FFTTokenMixer(nn.Module):
             nn.init.zeros_(self.context_mlp[2].weight)
             nn.init.zeros_(self.context_mlp[2].bias)
         if mode == "conv":
-            if not (_is_int(conv_order) and _is_int(conv_bands)) or conv_order < 1 or conv_bands < 0:
+            if not (is_int(conv_order) and is_int(conv_bands)) or conv_order < 1 or conv_bands < 0:
                 raise ValueError(f"conv_order must be an int >= 1 and conv_bands an int >= 0, got {conv_order!r}, "
                                  f"{conv_bands!r}")
             conv_order, conv_bands = int(conv_order), int(conv_bands)

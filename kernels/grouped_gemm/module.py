@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .._backend import FLOAT_DTYPES, check_backend
+from .._backend import FLOAT_DTYPES, check_backend, is_int
 from .ops import LEAF_ACTIVATIONS, leaf_mlp
 
 
@@ -30,7 +29,7 @@ class LeafMLP(nn.Module):
         output_width = input_width if output_width is None else output_width
         for name, v in (("num_groups", num_groups), ("input_width", input_width), ("hidden_width", hidden_width),
                         ("output_width", output_width)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            if not is_int(v):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")

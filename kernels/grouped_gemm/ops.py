@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (INDEX_DTYPES, cdiv, check_activation, check_backend, check_features, check_optional,
-                        check_same_device, check_same_dtype, check_tensor, check_width, dispatch,
+from .._backend import (INDEX_DTYPES, activation_and_grad, cdiv, check_activation, check_backend, check_features,
+                        check_optional, check_same_device, check_same_dtype, check_tensor, check_width, dispatch,
                         fit_pipelined_tiles, flatten_tokens, new_output, next_pow2, resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
-from .._backend import activation_and_grad
 from .fallback import hidden_backward, hidden_forward
 from .grouping import DIRECT_MAX_GROUPS, DIRECT_MAX_SLOTS, CountedGrouping, DeviceGrouping
 from .triton_kernels import grouped_gemm_kernel, grouped_wgrad_kernel, leaf_mlp_fused_kernel, slot_sum_kernel

@@ -128,9 +128,10 @@ def scaled_matmul_backward_torch(grad: torch.Tensor, a_q: torch.Tensor, a_scale:
     dz = grad * act'(z), the out_dtype rounding passed straight through. The 8-bit operands get none."""
     acc = _accumulate(a_q, b_q).float()
     a_col, b_row = a_scale.reshape(-1, 1), b_scale.reshape(1, -1)
-    z = acc * a_col * b_row
-    _, d_act = activation_and_grad(z if bias is None else z + bias.float(), activation)
-    dz = grad.float() if d_act is None else grad.float() * d_act
+    dz = grad.float()
+    if activation not in (None, "none", "identity"):  # (the identity skips forming z: two [M, N] temporaries)
+        z = acc * a_col * b_row
+        dz = dz * activation_and_grad(z if bias is None else z + bias.float(), activation)[1]
     d_acc = dz * acc
     d_a, d_b = (d_acc * b_row).sum(1), (d_acc * a_col).sum(0)
     # one scale for all rows (columns): the sum of the per-row (per-column) gradients

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .._backend import (FLOAT_DTYPES, check_activation, check_backend, check_features, check_same_device, check_tensor,
-                        torch_activation)
-from .ops import MAX_DEPTH, fff_forward
+                        is_int, torch_activation)
+from .ops import MAX_DEPTH, fff_forward, leaf_counts, tree_route
 
 #: what from_fastfeedforward reads of a fastfeedforward.FFF
 _FFF_ATTRIBUTES = ("activation", "input_width", "leaf_width", "output_width", "node_weights", "node_biases",
@@ -39,8 +39,10 @@ class FastFeedForward(nn.Module):
         super().__init__()
         for name, v in (("depth", depth), ("input_width", input_width), ("leaf_width", leaf_width),
                         ("output_width", output_width), ("master_leaf_width", master_leaf_width)):
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not is_int(v):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        depth, input_width, leaf_width, output_width, master_leaf_width = (
+            int(v) for v in (depth, input_width, leaf_width, output_width, master_leaf_width))
         if not 0 <= depth <= MAX_DEPTH:  # deeper trees: the kernels refuse them, and 2**25 leaves are no layer
             raise ValueError(f"depth must be in [0, {MAX_DEPTH}], got {depth}")
         for name, v in (("input_width", input_width), ("leaf_width", leaf_width), ("output_width", output_width)):
@@ -94,7 +96,10 @@ class FastFeedForward(nn.Module):
         else:
             raise ValueError(f"module.activation {type(act).__name__} has no kernel equivalent (relu, gelu, silu)")
         # from the node count, not module.depth: that is a tensor, which has no value on the meta device
-        depth = (module.node_weights.shape[0] + 1).bit_length() - 1
+        n_nodes = module.node_weights.shape[0]
+        depth = (n_nodes + 1).bit_length() - 1
+        if 2**depth - 1 != n_nodes:
+            raise ValueError(f"module.node_weights must have 2**depth - 1 rows (a full tree), got {n_nodes}")
         if float(getattr(module, "region_leak", 0.0) or 0.0) != 0.0:
             warnings.warn(f"module.region_leak = {module.region_leak} is not carried over: FastFeedForward trains "
                           "without region leaks", UserWarning, stacklevel=2)
@@ -125,12 +130,9 @@ class FastFeedForward(nn.Module):
         if self.training:
             y = self._soft_forward(x)
             if return_leaf_counts:
-                from .ops import tree_route
                 leaf = tree_route(x.detach(), self.node_weight.detach().to(x.dtype), self.node_bias.detach().to(x.dtype),
-                                  backend=self.backend).reshape(-1).long()
-                # index_add_, not bincount: bincount has no meta kernel (a model on the meta device)
-                counts = torch.zeros(2**self.depth, dtype=torch.int64, device=x.device)
-                counts.index_add_(0, leaf, torch.ones_like(leaf))
+                                  backend=self.backend)
+                counts = leaf_counts(leaf, 2**self.depth)
         else:
             p = [t.to(x.dtype) for t in (self.node_weight, self.node_bias, self.w1, self.b1, self.w2, self.b2)]
             y = fff_forward(x, *p, self.activation, return_leaf_counts=return_leaf_counts, backend=self.backend)

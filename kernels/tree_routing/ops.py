@@ -386,17 +386,22 @@ def fff_forward(x: torch.Tensor, node_weight: torch.Tensor, node_bias: Optional[
         leaf = tree_route(x2, node_weight, node_bias, backend=backend)
         y = leaf_mlp_in_range(x2, leaf, w1, b1, w2, b2, activation, backend).reshape(*lead, o)
     else:
-        # the node parameters get no gradient (the hard route is piecewise constant): detached, so that a
-        # trainable tree with frozen leaves does not make autograd (torch.compile's traced backward)
-        # look for a backward of the custom op, which has none
+        # only the node parameters can still require grad here, and they get none (the hard route is
+        # piecewise constant): all detached, so that a trainable tree with frozen leaves does not make
+        # autograd (torch.compile's traced backward) look for a backward of the custom op, which has none
         c = [None if t is None else t.detach().contiguous() for t in (node_weight, node_bias, w1, b1, w2, b2)]
         y, leaf = dispatch(_fff_forward_op, _fff_forward_impl, x2, *c, activation or "none", backend)
         y = y.reshape(*lead, o)
     if not return_leaf_counts:
         return y
-    counts = torch.zeros(n_leaves, dtype=torch.int64, device=x.device)
-    counts.index_add_(0, leaf.long(), torch.ones_like(leaf, dtype=torch.int64))
-    return y, counts
+    return y, leaf_counts(leaf, n_leaves)
+
+
+def leaf_counts(leaf: torch.Tensor, n_leaves: int) -> torch.Tensor:
+    """int64 [n_leaves]: tokens per leaf. index_add_, not bincount: no host sync on CUDA (bincount
+    reads the max) and it runs on the meta device."""
+    leaf = leaf.reshape(-1).long()
+    return torch.zeros(n_leaves, dtype=torch.int64, device=leaf.device).index_add_(0, leaf, torch.ones_like(leaf))
 
 
 def fff_path_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: Optional[torch.Tensor] = None,
