@@ -48,6 +48,7 @@ def cpu_pipeline(monkeypatch):
 def dirs(tmp_path, monkeypatch):
     """A private user folder (TRITONLAB_CONFIG_DIR) and shipped folder; provider caches dropped."""
     user, shipped = tmp_path / "user", tmp_path / "shipped"
+    user.mkdir()
     shipped.mkdir()
     monkeypatch.setenv("TRITONLAB_CONFIG_DIR", str(user))
     monkeypatch.setattr(dbm, "shipped_config_dir", lambda: shipped)
@@ -229,7 +230,6 @@ def test_user_folder_overrides_shipped(dirs, monkeypatch, tmp_path):
     '{"kernels": {"k": {"float16": {"T=4": {"config": {}, "shape": {"T": "x"}}}}}}'])
 def test_corrupted_file_is_reported_and_set_aside(dirs, garbage):
     user, _ = dirs
-    user.mkdir(parents=True)
     path = user / "gpu_test.json"
     path.write_text(garbage)
     db = TuningDB("gpu_test")
@@ -260,7 +260,6 @@ def test_newer_format_file_is_ignored_not_set_aside(dirs):
     """A database written by a newer tritonlab is reported and ignored, and left as it is (it was set
     aside as corrupted, i.e. renamed); writing to it is refused rather than downgrading it."""
     user, _ = dirs
-    user.mkdir(parents=True)
     path = user / "gpu_test.json"
     text = json.dumps({"format": dbm.FORMAT_VERSION + 1, "kernels": {"k": {"float16": {"T=4": {"config": {"B": 1}}}}}})
     path.write_text(text)

@@ -4,6 +4,7 @@ forced on small lengths; gradients against torch.autograd through the torch.fft 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -486,13 +487,14 @@ def test_backward_float32_both_backends(backend, device, s, op, causal):
 
 # ----------------------------------------------------------------------------- module
 
-def _module_reference(m: FFTTokenMixer, x: torch.Tensor) -> torch.Tensor:
-    """The mixer written with torch.fft directly (the module's parameters, any dtype)."""
+def _module_reference(m: FFTTokenMixer, x: torch.Tensor, conv_kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mixer written with torch.fft directly (the module's parameters, any dtype); mode "conv"
+    takes `conv_kernel` [S, D] when given, else the module's own conv_kernel(S)."""
     s = x.shape[-2]
     if m.mode == "fnet":
         return torch.fft.fft2(x, dim=(-2, -1)).real
     if m.mode == "conv":
-        k = m.conv_kernel(s)
+        k = m.conv_kernel(s) if conv_kernel is None else conv_kernel
         y = torch.fft.irfft(torch.fft.rfft(x, n=2 * s, dim=-2) * torch.fft.rfft(k, n=2 * s, dim=0), n=2 * s, dim=-2)
         return y[..., :s, :] + x * m.bias
     filt = torch.view_as_complex(m.filter)

@@ -15,6 +15,7 @@ from tritonlab.kernels._backend import torch_activation
 from tritonlab.kernels.fft_mixing import FFTTokenMixer
 
 from helpers import assert_close, rand, tolerance
+from test_fft_mixing import _module_reference
 
 # ----------------------------------------------------------------------------- LeafMLP
 
@@ -194,22 +195,15 @@ def test_mixer_accepts_numpy_integers():
 def _mixer_reference(m: FFTTokenMixer, x: torch.Tensor) -> torch.Tensor:
     """The mixer from its docstring, with torch.fft, in x's dtype (float64 in the test): the conv
     kernel's positions, features and decays are rebuilt here, not taken from conv_kernel."""
-    s = x.shape[-2]
-    if m.mode == "fnet":
-        return torch.fft.fft2(x, dim=(-2, -1)).real
+    k = None
     if m.mode == "conv":
+        s = x.shape[-2]
         t = torch.arange(s, dtype=x.dtype)[:, None] / m.seq_len
         f = torch.arange(1, m.conv_bands + 1, dtype=x.dtype)[None, :]
         z = torch.cat([t, torch.cos(2 * math.pi * f * t), torch.sin(2 * math.pi * f * t)], 1)
         alpha = torch.linspace(math.log(100) / 1.5, math.log(100) / 0.3, m.dim, dtype=x.dtype)
         k = m.implicit_filter(z) * torch.exp(-t * alpha)
-        y = torch.fft.irfft(torch.fft.rfft(x, n=2 * s, dim=-2) * torch.fft.rfft(k, n=2 * s, dim=0), n=2 * s, dim=-2)
-        return y[..., :s, :] + x * m.bias
-    filt = torch.view_as_complex(m.filter)
-    if m.mode == "adaptive":
-        mod = m.context_mlp(x.mean(dim=-2))
-        filt = filt * (1 + torch.complex(mod[..., : m.dim], mod[..., m.dim:])).unsqueeze(-2)
-    return torch.fft.irfft(torch.fft.rfft(x, dim=-2) * filt, n=s, dim=-2)
+    return _module_reference(m, x, conv_kernel=k)
 
 
 @pytest.mark.parametrize("mode", ["fnet", "filter", "adaptive", "conv"])

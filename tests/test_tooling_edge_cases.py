@@ -22,29 +22,17 @@ from tritonlab import bench, plots, report, roofline  # noqa: E402
 from tritonlab.autotune import database as dbm  # noqa: E402
 from tritonlab.autotune import provider, search  # noqa: E402
 from tritonlab.autotune.cli import main as autotune_main  # noqa: E402
-from tritonlab.autotune.database import TuningDB, TuningFile, new_entry  # noqa: E402
+from tritonlab.autotune.database import TuningDB, TuningFile  # noqa: E402
 from tritonlab.cli import main as cli_main  # noqa: E402
 from tritonlab.kernels import _tuning  # noqa: E402
 from tritonlab.kernels._accuracy import rel_error  # noqa: E402
 
-
-@pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    """A private user folder (TRITONLAB_CONFIG_DIR) and shipped folder; provider caches dropped."""
-    user, shipped = tmp_path / "user", tmp_path / "shipped"
-    user.mkdir()
-    shipped.mkdir()
-    monkeypatch.setenv("TRITONLAB_CONFIG_DIR", str(user))
-    monkeypatch.setattr(dbm, "shipped_config_dir", lambda: shipped)
-    monkeypatch.delenv("TRITONLAB_AUTOTUNE", raising=False)
-    provider.reset()
-    yield user, shipped
-    provider.reset()
+from test_autotune import _entry as autotune_entry  # noqa: E402
+from test_autotune import dirs  # noqa: E402,F401  (the tuning-folder fixture)
 
 
 def _entry(config, time_ms=1.0, shape=None, **kw):
-    return new_entry(config=config, time_ms=time_ms, default_config={"B": 16}, default_time_ms=2.0 * time_ms,
-                     shape=shape or {"T": 4, "D": 8}, device="test", **kw)
+    return autotune_entry(config, time_ms, shape or {"T": 4, "D": 8}, **kw)
 
 
 def _write(path: Path, entries: dict, **top) -> None:
