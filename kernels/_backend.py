@@ -257,6 +257,12 @@ def empty_result(shape: Sequence[int], like: torch.Tensor, *inputs: Optional[tor
     return y
 
 
+#: dot tiles with fewer elements run with at most 4 warps, in every family: Triton 3.6 on an H100
+#: returned NaNs for dft_axis_kernel's [64, 16] tiles with 8 warps (fine with 2 or 4, and at twice
+#: the width), and 256 threads have under 8 elements each there anyway
+SMALL_TILE = 2048
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= max(n, 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()

@@ -86,8 +86,8 @@ def _report_folder(value: str) -> str:
 
 def rebuild(folder: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None) -> Path:
     """The report of `folder` written again from its own files (no measurement): speedups, primary
-    baselines, roofline shares, tables and plots follow the current rules. The command line in
-    the README says so."""
+    baselines, FLOP/byte counts (for shapes the cases still define), roofline shares, tables and
+    plots follow the current rules. The command line in the README says so."""
     folder = Path(folder)
     try:
         env = json.loads((folder / "environment.json").read_text())
@@ -111,6 +111,11 @@ def rebuild(folder: str | os.PathLike, out_dir: Optional[str | os.PathLike] = No
                and int(raw[c].notna().sum()) != int(df[c].notna().sum())]
     if garbled:
         notes.append(f"results.csv has values that are not numbers in column(s) {', '.join(garbled)}: left empty")
+    recounted = recount(df)
+    if recounted:
+        notes.append(f"FLOPs and bytes of {', '.join(recounted)} recounted with the current counting rules (stated "
+                     "per kernel below); results.csv held the counts of the tritonlab that measured them. The "
+                     "times are the measured ones")
     df = roofline.annotate(bench.finalize(df), ceil)
     families = list(dict.fromkeys(df["family"]))
     kernels = set(df["kernel"])
@@ -119,6 +124,56 @@ def rebuild(folder: str | os.PathLike, out_dir: Optional[str | os.PathLike] = No
                         source=f"measurements of {env.get('date', '?')} at commit {commit}, tables rebuilt",
                         command=f"tritonlab report --rebuild {folder.as_posix()}", env=env, families=families,
                         selected=[c for c in cases.CASES if c.kernel in kernels])
+
+
+def recount(df: pd.DataFrame) -> list[str]:
+    """Set each row's flops, bytes and compute (in place) to its case's current counts, where the
+    case still defines that shape: the report states the current counting rules per kernel, so the
+    TFLOP/s, GB/s and roofline columns must use them too (a rule changed since the measurement, as
+    fnet_mix's FLOPs did, would otherwise be stated one way and applied another). Returns the
+    kernels whose counts changed."""
+    known: dict[tuple, tuple] = {}
+    for c in cases.CASES:
+        for sweep in c.presets.values():
+            for s in sweep.shapes:
+                known.setdefault((c.family, c.kernel, cases.shape_label(s)), (c, s))
+    changed = []
+    for i in df.index:
+        hit = known.get((df.at[i, "family"], df.at[i, "kernel"], df.at[i, "shape"]))
+        if hit is None:
+            continue
+        case, shape = hit
+        dtype = df.at[i, "dtype"]
+        try:
+            flops, n_bytes, compute = float(case.flops(shape)), float(case.bytes(shape, dtype)), case.compute(dtype)
+        except Exception:  # a dtype the case no longer knows: keep the stored counts
+            continue
+        same = (math.isclose(flops, df.at[i, "flops"], rel_tol=1e-9)
+                and math.isclose(n_bytes, df.at[i, "bytes"], rel_tol=1e-9) and compute == df.at[i, "compute"])
+        if not same:
+            df.at[i, "flops"], df.at[i, "bytes"], df.at[i, "compute"] = flops, n_bytes, compute
+            changed.append(str(df.at[i, "kernel"]))
+    return list(dict.fromkeys(changed))
+
+
+def mixed_timer_note(df: pd.DataFrame) -> Optional[str]:
+    """A note naming the rows timed by another timer than the rows they are compared with (same
+    kernel, shape and dtype, both eager or both captured): e.g. rows of an older tritonlab that timed
+    short calls as CUDA graphs without an L2 flush under an eager name. Their speedups mix timers."""
+    captured = df["provider"].astype(str).str.endswith(cases.GRAPH_SUFFIX)
+    timed = df[(df["status"] == "ok") & df["median_ms"].notna() & (df["timer"].astype(str) != "")]
+    timed = timed.assign(_captured=captured[timed.index])
+    items = []
+    keys = ["family", "kernel", "shape", "dtype", "_captured"]
+    for (_, kernel, shape, dtype, _), g in timed.groupby(keys, sort=False):
+        if g["timer"].nunique() < 2:
+            continue
+        by_timer = {t: ", ".join(g.loc[g["timer"] == t, "provider"]) for t in dict.fromkeys(g["timer"])}
+        items.append(f"{kernel} {shape} {dtype}: " + " against ".join(f"{p} by {t}" for t, p in by_timer.items()))
+    if not items:
+        return None
+    return ("rows compared with each other were timed differently (results.csv `timer`), so their speedups mix "
+            "two timers: " + "; ".join(items))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -433,6 +488,9 @@ def write_report(df: pd.DataFrame, ceil: roofline.Ceilings, out_dir: Path, *, no
             env["cpu_model"] = cpu_model()
     env.update(extra_env or {})
     notes = list(notes or [])
+    mixed = mixed_timer_note(df)
+    if mixed:
+        notes.append(mixed)
     families = families or list(dict.fromkeys(df["family"]))
     df = df[bench.RESULT_COLUMNS]
     df.to_csv(out_dir / "results.csv", index=False)
@@ -459,7 +517,8 @@ def write_report(df: pd.DataFrame, ceil: roofline.Ceilings, out_dir: Path, *, no
               "", "![roofline](roofline.png)" if _plot_roofline(df, ceil, out_dir) else "", ""]
     lines += ["## Summary: tritonlab against its primary baseline", "",
               "Speedup = primary baseline median / tritonlab median (> 1: tritonlab is faster). The primary "
-              "baseline is the first in the case's order that ran (the comparison its issue names); when "
+              "baseline is the first in the case's order that ran (the comparison its issue names), other than our own torch "
+              f"fallback ({cases.OWN_FALLBACK}) unless it is the only one; when "
               "another baseline was faster, the next column gives it and our speedup over it. Roofline = "
               "max(FLOPs / peak, bytes / bandwidth) / median, from the counts stated per kernel below.", "",
               summary_table(df), ""]

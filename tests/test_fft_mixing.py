@@ -101,7 +101,7 @@ def test_fnet_half_spectrum_path(monkeypatch, device, s, d, half):
 
 def test_small_dft_tiles_launch_with_at_most_four_warps(monkeypatch, device):
     """Triton 3.6 on an H100 returned NaNs from dft_axis_kernel at [64, 16] tiles (D = 768, BLOCK_C = 1)
-    with 8 warps: such tiles (under ops.SMALL_TILE elements) launch with 4, larger ones as configured."""
+    with 8 warps: such tiles (under _backend.SMALL_TILE elements) launch with 4, larger ones as configured."""
     seen = record_launches(monkeypatch, ops, "dft_axis_kernel", "BLOCK_C", "num_warps")
     x = rand(1, 3, 768, device=device)
     cfg = dict(ops._fnet_default({"S": 3, "D": 768}), D_BLOCK=1, num_warps=8)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import tritonlab
-from tritonlab.kernels._backend import torch_activation
+from tritonlab.kernels._backend import SMALL_TILE, torch_activation
 from tritonlab.kernels._tuning import registered
+from tritonlab.kernels.grouped_gemm import ops as gops
 from tritonlab.kernels.grouped_gemm import reference as ref
 from tritonlab.kernels.grouped_gemm.fallback import SlotLayout
 from tritonlab.kernels.grouped_gemm.grouping import ONE_LAUNCH_MAX_GROUPS, ONE_LAUNCH_MAX_SLOTS, CountedGrouping, DeviceGrouping
@@ -709,3 +710,25 @@ def test_tuning_spaces_cover_narrow_shapes(name, narrow, device):
     inp = kernel.make_inputs(shape, torch.float32, device)
     for config in (space[0], space[len(space) // 2], space[-1]):
         assert kernel.error(inp, kernel.run(inp, config)) <= kernel.tolerance(torch.float32), config
+
+
+@pytest.mark.parametrize("name", ["grouped_gemm", "grouped_wgrad", "leaf_mlp_fused"])
+def test_small_dot_tiles_never_get_eight_warps(name):
+    """8 warps on a dot tile under SMALL_TILE elements is the setting that returned NaNs on an H100
+    (Triton 3.6, an FFT kernel's [64, 16] tiles); no space or default of the grouped kernels offers it,
+    narrow layers included."""
+    kernel = registered()[name]
+    for _ in range(6):
+        t, d, n, h = (int(v) for v in torch.randint(1, 300, (4,)))
+        narrow = int(torch.randint(1, 33, ()))
+        shape = dict(kernel.presets["small"][0], T=t, D=narrow if t % 2 else d, N=n if t % 3 else narrow)
+        if "H" in shape:
+            shape["H"] = h % 140 + 1
+        for cfg in kernel.space(shape) + [kernel.default(shape)]:
+            if name == "grouped_wgrad":
+                tile = cfg["BLOCK_D"] * cfg["BLOCK_N"]
+            elif name == "leaf_mlp_fused":  # two dots: [M, hidden tile] and [M, N]
+                tile = cfg["BLOCK_M"] * min(cfg["BLOCK_N"], gops._fused_hidden_tile(shape))
+            else:
+                tile = cfg["BLOCK_M"] * cfg["BLOCK_N"]
+            assert cfg["num_warps"] < 8 or tile >= SMALL_TILE, (shape, cfg)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .._accuracy import TF32_TOLERANCE, rel_error, tolerance
-from .._backend import (FLOAT_DTYPES, cdiv, check_backend, check_same_device, dispatch, empty_result, new_output,
-                        resolve_backend)
+from .._backend import (FLOAT_DTYPES, SMALL_TILE, cdiv, check_backend, check_same_device, dispatch, empty_result,
+                        new_output, resolve_backend)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, plans, reference
@@ -51,10 +51,6 @@ ROW_CHUNK = 16
 MAX_GRID_BATCH = 65535
 #: grid dim 0 of a CUDA launch
 MAX_GRID_X = 2**31 - 1
-#: dft_axis_kernel tiles with fewer elements run with at most 4 warps: Triton 3.6 on an H100 returned NaNs
-#: for P1 = 64, BLOCK_C = 1 ([64, 16] tiles) with 8 warps (fine with 2 or 4, and at BLOCK_C >= 2), and
-#: 256 threads have under 8 elements each there anyway
-SMALL_TILE = 2048
 #: elements (bins x channels) per program of spectrum_layout_kernel
 SPECTRUM_BLOCK = 2048
 #: the [COPY_TILE, COPY_TILE] tiles of _copy_3d's transposing copy (8 KB of bf16 per tile)

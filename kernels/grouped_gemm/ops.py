@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (INDEX_DTYPES, activation_and_grad, cdiv, check_activation, check_backend, check_features,
-                        check_optional, check_same_device, check_same_dtype, check_tensor, check_width, dispatch,
-                        fit_pipelined_tiles, flatten_tokens, new_output, next_pow2, resolve_backend)
+from .._backend import (INDEX_DTYPES, SMALL_TILE, activation_and_grad, cdiv, check_activation, check_backend,
+                        check_features, check_optional, check_same_device, check_same_dtype, check_tensor,
+                        check_width, dispatch, fit_pipelined_tiles, flatten_tokens, new_output, next_pow2,
+                        resolve_backend)
 from .._triton import ACTIVATION_CODES, interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -172,6 +173,8 @@ def _gemm_space(shape) -> list[dict]:
             continue
         if bm * bn * (1 + gated) > 128 * 256 or (bm * bk + bk * bn * (1 + gated)) * 2 * ns > 200 * 1024:
             continue  # register tiles beyond this spill; shared memory beyond this does not fit (16-bit operands)
+        if nw == 8 and bm * bn < SMALL_TILE:
+            continue  # (see SMALL_TILE)
         out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": nw, "num_stages": ns})
     return out
 
@@ -190,7 +193,7 @@ def _wgrad_space(shape) -> list[dict]:
                                                 (16, 32, 64), (4, 8), (2, 3, 4)):
         if bd > max(16, next_pow2(shape["D"])) or bn > max(16, next_pow2(shape["N"])):
             continue
-        if (bd * br + br * bn) * 2 * ns > 200 * 1024:
+        if (bd * br + br * bn) * 2 * ns > 200 * 1024 or (nw == 8 and bd * bn < SMALL_TILE):
             continue
         out.append({"BLOCK_D": bd, "BLOCK_N": bn, "BLOCK_R": br, "GROUP_M": 8, "num_warps": nw, "num_stages": ns})
     return out
@@ -213,10 +216,10 @@ def _fused_hidden_tile(shape) -> int:
 def _fused_leaf_default(shape) -> dict:
     m, g, d, o = shape["T"] * shape["k"], shape["G"], shape["D"], shape["N"]
     # a 128-column hidden tile next to the output tile needs ~250 registers a thread at 4 warps
-    # (ptxas, bf16, H = 128 or swiglu H = 64): 8 warps halve that
-    return {"BLOCK_M": _tile_height(m, g, 64), "BLOCK_K": min(64, max(16, next_pow2(d))),
-            "BLOCK_N": min(128, max(16, next_pow2(o))), "num_warps": 8 if _fused_hidden_tile(shape) >= 128 else 4,
-            "num_stages": 3}
+    # (ptxas, bf16, H = 128 or swiglu H = 64): 8 warps halve that, unless a dot tile is small (SMALL_TILE)
+    bm, bn, bh = _tile_height(m, g, 64), min(128, max(16, next_pow2(o))), _fused_hidden_tile(shape)
+    return {"BLOCK_M": bm, "BLOCK_K": min(64, max(16, next_pow2(d))), "BLOCK_N": bn,
+            "num_warps": 8 if bh >= 128 and bm * min(bh, bn) >= SMALL_TILE else 4, "num_stages": 3}
 
 
 def _fused_leaf_space(shape) -> list[dict]:
@@ -230,6 +233,8 @@ def _fused_leaf_space(shape) -> list[dict]:
             continue
         if bm * (bh + bn) > 128 * 256 // (2 if nw == 4 else 1):
             continue  # register tiles beyond this spill (fp32 accumulators of the hidden and output tiles)
+        if nw == 8 and bm * min(bh, bn) < SMALL_TILE:
+            continue  # (see SMALL_TILE)
         if _fused_leaf_smem(shape, {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "num_stages": ns}, 2) > 200 * 1024:
             continue  # does not fit in shared memory even with 16-bit operands
         out.append({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns})

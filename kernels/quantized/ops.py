@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (FLOAT_DTYPES, cdiv, check_activation, check_same_device, check_tensor, compile_target,
-                        dispatch, empty_result, fit_pipelined_tiles, new_output, next_pow2, resolve_backend)
+from .._backend import (FLOAT_DTYPES, SMALL_TILE, cdiv, check_activation, check_same_device, check_tensor,
+                        compile_target, dispatch, empty_result, fit_pipelined_tiles, new_output, next_pow2,
+                        resolve_backend)
 from .._triton import interpreting
 from .._tuning import NotApplicable, TunableKernel, lookup_config, register
 from . import fallback, reference
@@ -246,6 +247,8 @@ def _scaled_mm_triton(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: 
     if quant_out is not None:
         cfg = dict(cfg, BLOCK_N=max(16, next_pow2(n)))  # one column tile per row
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, 128 * 256 // cfg["BLOCK_N"]))
+        if cfg["BLOCK_M"] * cfg["BLOCK_N"] < SMALL_TILE:  # a narrow layer's tile (see SMALL_TILE)
+            cfg["num_warps"] = min(cfg["num_warps"], 4)
     # every config is fitted, the tuner's too: the fit is a function of (config, device), so a tuned
     # entry runs later exactly as it was measured, and a config too big for this GPU still launches
     cfg = fit_pipelined_tiles(cfg, 1, a.device)  # 8-bit A and B tiles
