@@ -21,12 +21,12 @@ from tritonlab.kernels.fft_mixing import reference as fft_ref  # noqa: E402
 from tritonlab.kernels.grouped_gemm import reference as gg_ref  # noqa: E402
 from tritonlab.kernels.tree_routing import reference as tree_ref  # noqa: E402
 
-from helpers import assert_close, np64  # noqa: E402
+from helpers import assert_close, np64, tolerance  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-#: float32 math against float64: a few ulps of the largest terms, summed over short reductions
-TOL = 2e-5
+#: the stated float32 bound (kernels/_accuracy.py): every op here computes in float32
+TOL = tolerance(torch.float32)
 
 
 def _settings(examples: int):
@@ -44,7 +44,8 @@ backends = ["torch"] + (["triton"] if HAS_TRITON else [])
 
 
 def _examples(backend: str, on_torch: int, on_triton: int) -> int:
-    return on_torch if backend == "torch" or GPU else on_triton
+    # the Triton kernels: few examples under the interpreter, and on a GPU each new shape may compile
+    return on_torch if backend == "torch" else on_triton * (3 if GPU else 1)
 
 
 # ----------------------------------------------------------------------------- tree routing
@@ -63,7 +64,7 @@ def _tree_case(backend, t, d, depth, seed):
 
 @pytest.mark.parametrize("backend", backends)
 def test_tree_route_matches_the_reference(backend):
-    @_settings(_examples(backend, 60, 8))
+    @_settings(_examples(backend, 150, 8))
     @given(t=st.integers(0, 70), d=st.integers(1, 40), depth=st.integers(0, 7), seed=seeds)
     def check(t, d, depth, seed):
         _tree_case(backend, t, d, depth, seed)
@@ -73,7 +74,7 @@ def test_tree_route_matches_the_reference(backend):
 
 @pytest.mark.parametrize("backend", backends)
 def test_fff_forward_matches_the_reference(backend):
-    @_settings(_examples(backend, 40, 5))
+    @_settings(_examples(backend, 100, 5))
     @given(t=st.integers(0, 40), d=st.integers(1, 24), h=st.integers(1, 20), o=st.integers(1, 24),
            depth=st.integers(0, 5), act=st.sampled_from(["relu", "gelu", "silu", "gelu_tanh", None]),
            bias=st.booleans(), seed=seeds)
@@ -115,7 +116,7 @@ def _indices(gen, t, k, g, rule):
 
 @pytest.mark.parametrize("backend", backends)
 def test_gather_matmul_scatter_matches_the_reference(backend):
-    @_settings(_examples(backend, 50, 6))
+    @_settings(_examples(backend, 120, 6))
     @given(grouping=_grouping(), d=st.integers(1, 40), n=st.integers(1, 40), bias=st.booleans(), rw=st.booleans(),
            act=st.sampled_from(["relu", "gelu", "silu", "gelu_tanh", None]), seed=seeds)
     def check(grouping, d, n, bias, rw, act, seed):
@@ -136,7 +137,7 @@ def test_gather_matmul_scatter_matches_the_reference(backend):
 
 @pytest.mark.parametrize("backend", backends)
 def test_leaf_mlp_matches_the_reference(backend):
-    @_settings(_examples(backend, 40, 5))
+    @_settings(_examples(backend, 100, 5))
     @given(grouping=_grouping(), d=st.integers(1, 30), h=st.integers(1, 24), o=st.integers(1, 30),
            act=st.sampled_from(["relu", "gelu", "silu", "swiglu", None]), bias=st.booleans(), rw=st.booleans(),
            seed=seeds)
@@ -162,7 +163,7 @@ def test_leaf_mlp_matches_the_reference(backend):
 
 @pytest.mark.parametrize("backend", backends)
 def test_fft_mixing_matches_the_reference(backend):
-    @_settings(_examples(backend, 40, 6))
+    @_settings(_examples(backend, 120, 6))
     @given(b=st.integers(1, 3), s=st.integers(1, 70), d=st.integers(1, 9),
            op=st.sampled_from(["fnet", "filter", "causal", "circular"]), short=st.integers(0, 69), seed=seeds)
     def check(b, s, d, op, short, seed):
