@@ -204,6 +204,24 @@ def test_round_trip_records_times_versions_and_date(dirs):
     assert not again.has("k", {"T": 100, "D": 768}, "float16")
 
 
+def test_shipped_entries_are_in_their_kernels_spaces():
+    """A lookup at exactly a tuned shape serves the stored config without checking it against the
+    kernel's current space (only borrowed entries are checked), so every shipped entry must stay in
+    its kernel's space: a space change that orphans one fails here (re-tune, or keep the config)."""
+    files = sorted(dbm.shipped_config_dir().glob("*.json"))
+    assert files, "no shipped tuning database"
+    kernels = _tuning.registered()
+    checked = 0
+    for path in files:
+        for kernel, dtype, key, entry in dbm.iter_entries(json.loads(path.read_text())):
+            k = kernels[kernel]
+            shape = {n: int(v) for n, v in (entry.get("shape") or dbm.parse_shape_key(key)).items()}
+            merged = [dict(k.default(shape), **c) for c in k.space(shape)]
+            assert dict(k.default(shape), **entry["config"]) in merged, (path.name, kernel, dtype, key, entry["config"])
+            checked += 1
+    assert checked > 0
+
+
 def test_user_folder_overrides_shipped(dirs, monkeypatch, tmp_path):
     user, shipped = dirs
     assert dbm.user_config_dir() == user
