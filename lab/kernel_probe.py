@@ -40,7 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     kernels = _tuning.registered()
     if args.kernel not in kernels:
-        print(f"kernel_probe: unknown kernel {args.kernel!r}; registered: {', '.join(sorted(kernels))}", file=sys.stderr)
+        print(f"kernel_probe: unknown kernel {args.kernel!r}; registered: {', '.join(sorted(kernels))}",
+              file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or args.calls < 1:

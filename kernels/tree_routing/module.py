@@ -85,7 +85,8 @@ class FastFeedForward(nn.Module):
             raise TypeError(f"module must be a fastfeedforward.FFF, got {type(module).__name__}")
         missing = [a for a in _FFF_ATTRIBUTES if not hasattr(module, a)]
         if missing:
-            raise TypeError(f"module must be a fastfeedforward.FFF, got a {type(module).__name__} without {', '.join(missing)}")
+            raise TypeError(f"module must be a fastfeedforward.FFF, got a {type(module).__name__} "
+                            f"without {', '.join(missing)}")
         act = module.activation
         if isinstance(act, nn.ReLU):
             name = "relu"

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from .._accuracy import rel_error, tolerance
-from .._backend import (activation_and_grad, cdiv, check_activation, check_backend, check_features, check_optional, check_same_device,
-                        check_same_dtype, check_tensor, check_width, dispatch, empty_result, flatten_tokens, new_output,
-                        next_pow2, resolve_backend, shared_memory_per_block)
+from .._backend import (activation_and_grad, cdiv, check_activation, check_backend, check_features, check_optional,
+                        check_same_device, check_same_dtype, check_tensor, check_width, dispatch, empty_result,
+                        flatten_tokens, new_output, next_pow2, resolve_backend, shared_memory_per_block)
 from .._triton import interpreting
 from .._tuning import TunableKernel, lookup_config, register
 from ..grouped_gemm.grouping import CountedGrouping, sorts_in_one_launch
