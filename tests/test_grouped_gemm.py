@@ -530,10 +530,10 @@ def test_bad_inputs_raise_clear_errors(name, exc, call):
         call()
 
 
-@pytest.mark.parametrize("t,k,g,h", [(5, 2, 3, 4), (40, 2, 3, 4), (300, 1, 4, 8), (300, 2, 4, 200)])
+@pytest.mark.parametrize("t,k,g,h", [(5, 2, 3, 4), (40, 2, 3, 4), (90, 1, 4, 8), (70, 2, 4, 136)])
 def test_out_of_range_indices_raise_on_every_path(backend, device, t, k, g, h):
-    """Decode (direct), counting-sort and fused-leaf plans: an id below 0, at G or far past it is a
-    ValueError naming indices. The Triton path checks after its launches (the module docstring says
+    """Decode (direct, T*k <= 64), one-launch sort with the fused leaf (H <= 128) and with the two
+    grouped GEMMs (H = 136): an id below 0, at G or far past it is a ValueError naming indices. The Triton path checks after its launches (the module docstring says
     why), so this also runs its kernels on those ids: they must not fault or read through them."""
     x, w, w1, w2 = rand(t, 8, device=device), rand(g, 8, 6, device=device), rand(g, 8, h, device=device), \
         rand(g, h, 6, device=device)

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from .._backend import cdiv, new_output, next_pow2
+from .._triton import interpreting
 from .triton_kernels import group_count_kernel, group_plan_kernel, group_scatter_kernel, group_sort_kernel
 
 
@@ -192,7 +193,10 @@ class CountedGrouping:
         n = self.max_tiles(block_m)
         tile_group = torch.empty(n, dtype=torch.int32, device=self.counts.device)
         tile_row = torch.empty(n, dtype=torch.int32, device=self.counts.device)
-        block_g = min(1024, max(16, next_pow2(self.num_groups)))
+        # each program first sums the counts of all blocks before its own (G / BLOCK_G loads): cheap on
+        # a GPU, but the interpreter pays per block op, ~1 s a program at G = 65536 with 1024 lanes;
+        # there wider blocks run the same code with 16x fewer programs and loop trips
+        block_g = min(16384 if interpreting() else 1024, max(16, next_pow2(self.num_groups)))
         group_plan_kernel[(cdiv(self.num_groups, block_g),)](
             self.counts, self.offsets, tile_group, tile_row, self.num_groups, n,
             WRITE_OFFSETS=write_offsets, BLOCK_M=block_m, BLOCK_G=block_g)
