@@ -327,3 +327,49 @@ def dispatch(op, impl, *args, needs_autograd: bool = False):
     if needs_autograd and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return op(*args)
     return impl(*args)
+
+
+class RecordedSettings:
+    """Mixin for an nn.Module whose constructor settings change what its tensors compute (a mixer's
+    seq_len, a quantized FFN's activation): they travel in the state dict (`_extra_state`), and
+    load_state_dict refuses a checkpoint made with other settings, naming the setting and both
+    values, and loads nothing into the module (nor into its submodules). Without the record, the
+    same tensors would load under another setting and compute something else. Checkpoints saved
+    without the record (before it existed, or by hand) load as before, strict or not.
+
+    The record is a dict of str / int / None values (torch.load(weights_only=True) accepts it).
+    """
+
+    def recorded_settings(self) -> dict:
+        """The settings to record, {name: value}."""
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict:
+        return dict(self.recorded_settings())
+
+    def set_extra_state(self, state: object) -> None:
+        """Nothing to set: _load_from_state_dict has compared the record with this module's settings."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_extra_state"
+        theirs = state_dict.get(key)
+        if isinstance(theirs, dict):
+            ours = self.recorded_settings()
+            bad = [f"{key} records {name}={theirs[name]!r}, but this {type(self).__name__} has {name}={value!r}: "
+                   f"build it with {name}={theirs[name]!r} to load this checkpoint"
+                   for name, value in ours.items() if name in theirs and theirs[name] != value]
+            if bad:
+                error_msgs.extend(bad)
+                # load_state_dict goes on into the submodules with this dict (its own copy, made to be
+                # edited here): hand them their current values, a no-op load, so nothing here changes
+                own = self.state_dict(prefix=prefix, keep_vars=True)  # type: ignore[attr-defined]
+                for k in state_dict:
+                    if k in own and k != key:
+                        state_dict[k] = own[k]
+                return
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[misc]
+                                      unexpected_keys, error_msgs)
+        if key not in state_dict and key in missing_keys[n_missing:]:
+            missing_keys.remove(key)  # a checkpoint from before the record: nothing to compare

@@ -95,8 +95,8 @@ def test_leaf_mlp_state_dict_copy_and_pickle():
         assert torch.equal(clone(x, idx), y)
     with pytest.raises(RuntimeError, match="b1"):
         tritonlab.LeafMLP(3, 6, 5, 4, "swiglu", bias=False).load_state_dict(layer.state_dict())
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        tritonlab.LeafMLP(3, 6, 5, 4, "relu").load_state_dict(layer.state_dict())  # w1 is [G, D, 2H] for swiglu
+    with pytest.raises(RuntimeError, match="records activation='swiglu'"):  # (w1 is [G, D, 2H] for swiglu, too)
+        tritonlab.LeafMLP(3, 6, 5, 4, "relu").load_state_dict(layer.state_dict())
 
 
 # ----------------------------------------------------------------------------- QuantizedFFN
@@ -267,6 +267,81 @@ def test_modules_compile_in_one_graph():
     (gx,) = torch.autograd.grad(y.sum(), x)
     (gx_eager,) = torch.autograd.grad(want.sum(), x)
     torch.testing.assert_close(gx, gx_eager)
+
+
+# ----------------------------------------------------------------------------- settings in the state dict
+
+def _reload(module: nn.Module) -> dict:
+    """module's state dict through torch.save / torch.load(weights_only=True), as a checkpoint travels."""
+    import io
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("saved,target,setting", [
+    (("filter", 16), ("filter", 17), "seq_len=16"),  # both filters are [9, D]
+    (("conv", 64), ("conv", 128), "seq_len=64"),  # same parameters, positions scaled by another length
+    (("filter", 16), ("adaptive", 16), "mode='filter'"),
+])
+def test_mixer_refuses_a_checkpoint_made_with_other_settings(saved, target, setting):
+    """The same tensors under another seq_len mix differently, and loading used to succeed silently.
+    The state dict records mode and seq_len now; a mismatch raises naming both, and loads nothing."""
+    src = FFTTokenMixer(8, saved[1], saved[0], backend="torch")
+    dst = FFTTokenMixer(8, target[1], target[0], backend="torch")
+    before = {n: p.clone() for n, p in dst.state_dict().items() if isinstance(p, torch.Tensor)}
+    with pytest.raises(RuntimeError, match=f"records {setting}, but this FFTTokenMixer has"):
+        dst.load_state_dict(_reload(src))
+    for n, p in dst.state_dict().items():
+        if isinstance(p, torch.Tensor):
+            assert torch.equal(p, before[n]), n
+    same = FFTTokenMixer(8, saved[1], saved[0], backend="torch")
+    same.load_state_dict(_reload(src))
+    x = rand(2, saved[1], 8)
+    assert torch.equal(same(x), src(x))
+
+
+def test_fnet_mixer_loads_whatever_its_seq_len():
+    """fnet has no parameters and mixes any length: its seq_len is not part of the record."""
+    FFTTokenMixer(8, None, "fnet").load_state_dict(_reload(FFTTokenMixer(8, 32, "fnet")))
+
+
+def test_quantized_ffn_refuses_a_checkpoint_of_another_activation():
+    l1, l2 = _linears()
+    src = tritonlab.QuantizedFFN.from_float(l1, l2, "relu", "int8", backend="torch")
+    dst = tritonlab.QuantizedFFN.from_float(*_linears(), "gelu", "int8", backend="torch")
+    with pytest.raises(RuntimeError, match="records activation='relu', but this QuantizedFFN has activation='gelu'"):
+        dst.load_state_dict(_reload(src))
+    x = rand(5, 16)
+    assert not torch.equal(dst(x), src(x))  # nothing was loaded
+
+
+@pytest.mark.parametrize("make", [
+    lambda act: tritonlab.FastFeedForward(6, 4, 5, depth=2, activation=act, master_leaf_width=3, backend="torch"),
+    lambda act: tritonlab.LeafMLP(3, 6, 5, 4, act, backend="torch"),
+], ids=["FastFeedForward", "LeafMLP"])
+def test_layers_refuse_a_checkpoint_of_another_activation(make):
+    src, dst = make("relu"), make("gelu")
+    before = {n: p.clone() for n, p in dst.named_parameters()}
+    with pytest.raises(RuntimeError, match="records activation='relu', but this .* has activation='gelu'"):
+        dst.load_state_dict(_reload(src))
+    for n, p in dst.named_parameters():  # nothing loaded, not even into the master leaf (a submodule)
+        assert torch.equal(p, before[n]), n
+    make("relu").load_state_dict(_reload(src))
+
+
+def test_checkpoints_without_the_record_still_load_strictly():
+    """State dicts saved before the record existed (or assembled by hand) load as before."""
+    src = FFTTokenMixer(8, 16, "adaptive", backend="torch")
+    legacy = {k: v for k, v in src.state_dict().items() if not k.endswith("_extra_state")}
+    dst = FFTTokenMixer(8, 16, "adaptive", backend="torch")
+    assert dst.load_state_dict(legacy, strict=True).missing_keys == []
+    x = rand(2, 16, 8)
+    assert torch.equal(dst(x), src(x))
+    ffn = tritonlab.QuantizedFFN.from_float(*_linears(), "silu", "int8", backend="torch")
+    legacy = {k: v for k, v in ffn.state_dict().items() if not k.endswith("_extra_state")}
+    assert tritonlab.QuantizedFFN.from_float(*_linears(), "silu", "int8").load_state_dict(legacy).missing_keys == []
 
 
 # ----------------------------------------------------------------------------- every op on the meta device

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._backend import FLOAT_DTYPES, check_backend, check_tensor, is_int
+from .._backend import FLOAT_DTYPES, RecordedSettings, check_backend, check_tensor, is_int
 from .ops import fft_conv, fnet_mix, spectral_filter
 
 MODES = ("fnet", "filter", "adaptive", "conv")
@@ -25,7 +25,7 @@ class _Sin(nn.Module):
         return torch.sin(self.freq * x)
 
 
-class FFTTokenMixer(nn.Module):
+class FFTTokenMixer(RecordedSettings, nn.Module):
     """Token mixing along the sequence of x [..., S, D] by FFTs, in one of four modes:
 
     - "fnet" (Lee-Thorp et al., FNet): y = Re(FFT_S(FFT_D(x))); no parameters, any S.
@@ -42,7 +42,8 @@ class FFTTokenMixer(nn.Module):
       Hyena's exponential modulation. Any S (seq_len only normalises positions).
 
     Every mode is differentiable (input, filter, MLP, implicit-filter parameters); the forward and
-    the input gradient run through the fused kernels (backend="auto": Triton on a GPU).
+    the input gradient run through the fused kernels (backend="auto": Triton on a GPU). The state dict
+    records mode and seq_len; loading a checkpoint made with others raises.
     """
 
     def __init__(self, dim: int, seq_len: Optional[int] = None, mode: str = "filter", *,
@@ -90,6 +91,12 @@ class FFTTokenMixer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, seq_len={self.seq_len}, mode={self.mode!r}, backend={self.backend!r}"
+
+    def recorded_settings(self) -> dict:
+        """Recorded in the state dict (RecordedSettings): a filter of seq_len 1024 and one of 1025
+        have the same shape, and "conv" kernels of any seq_len the same parameters, but each computes
+        another mixing. ("fnet" has no parameters and takes any length: its seq_len is not recorded.)"""
+        return {"mode": self.mode} if self.mode == "fnet" else {"mode": self.mode, "seq_len": self.seq_len}
 
     def complex_filter(self) -> torch.Tensor:
         """The learnable filter W [S//2 + 1, D] as a complex tensor (modes "filter" and "adaptive"):

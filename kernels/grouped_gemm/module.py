@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._backend import FLOAT_DTYPES, check_backend, is_int
+from .._backend import FLOAT_DTYPES, RecordedSettings, check_backend, is_int
 from .ops import LEAF_ACTIVATIONS, leaf_mlp
 
 
-class LeafMLP(nn.Module):
+class LeafMLP(RecordedSettings, nn.Module):
     """`num_groups` independent MLPs (experts, or FFF leaves); each token runs the k it is routed to.
 
     The router is the caller's: forward takes `indices` [..., k] (or [...]) group ids and optional
@@ -66,3 +66,8 @@ class LeafMLP(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, input_width={self.input_width}, hidden_width={self.hidden_width}, "
                 f"output_width={self.output_width}, activation={self.activation!r}, bias={self.b1 is not None}")
+
+    def recorded_settings(self) -> dict:
+        """Recorded in the state dict (RecordedSettings): relu, gelu and silu leaves have the same
+        tensors (swiglu's w1 is twice as wide)."""
+        return {"activation": self.activation}

@@ -6,7 +6,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .._backend import check_activation, check_backend, check_same_device, check_tensor, flatten_tokens
+from .._backend import (RecordedSettings, check_activation, check_backend, check_same_device, check_tensor,
+                        flatten_tokens)
 from .ops import QDTYPE, QuantDType, _qname, quantize, scaled_matmul, scaled_matmul_path
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
@@ -25,7 +26,7 @@ def _activation_name(activation: Union[str, nn.Module, None]) -> Optional[str]:
     return None if activation in (None, "none", "identity") else activation
 
 
-class QuantizedFFN(nn.Module):
+class QuantizedFFN(RecordedSettings, nn.Module):
     """y = act(x @ W1.T + b1) @ W2.T + b2 with W1, W2 stored quantized (int8, fp8 e4m3 or e5m2).
 
     The weights are quantized once, per output channel (`quantize(weight, dtype, "row")`); each
@@ -36,7 +37,8 @@ class QuantizedFFN(nn.Module):
     dtype (bf16 for bf16 models) and a quantize kernel follows. The output is in x's dtype.
 
     Build it with `QuantizedFFN.from_float(linear1, linear2, activation, dtype)`. It is an inference
-    module: the quantized weights are buffers, no gradients flow.
+    module: the quantized weights are buffers, no gradients flow. The state dict records dtype and
+    activation; loading a checkpoint made with others raises.
     """
 
     def __init__(self, w1_q: torch.Tensor, w1_scale: torch.Tensor, b1: Optional[torch.Tensor],
@@ -127,10 +129,16 @@ class QuantizedFFN(nn.Module):
                 self._buffers[name] = b.to(moved.device)
         return self
 
+    def recorded_settings(self) -> dict:
+        """Recorded in the state dict (RecordedSettings): the same tensors under another activation
+        compute another layer."""
+        return {"dtype": self.qdtype, "activation": self.activation}
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Refuse a checkpoint of another quantized format: load_state_dict would cast its int8 / fp8
-        values into this module's type (copy_), silently turning them into garbage against their scales.
+        """Refuse a checkpoint of another quantized format, also one saved without the settings record:
+        load_state_dict would cast its int8 / fp8 values into this module's type (copy_), silently
+        turning them into garbage against their scales.
         Nothing is loaded then, and load_state_dict raises naming the buffer and both formats."""
         bad = []
         for name in ("w1_q", "w2_q"):

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._backend import (FLOAT_DTYPES, check_activation, check_backend, check_features, check_same_device, check_tensor,
-                        is_int, torch_activation)
+from .._backend import (FLOAT_DTYPES, RecordedSettings, check_activation, check_backend, check_features,
+                        check_same_device, check_tensor, is_int, torch_activation)
 from .ops import MAX_DEPTH, fff_forward, leaf_counts, tree_route
 
 #: what from_fastfeedforward reads of a fastfeedforward.FFF
@@ -17,7 +17,7 @@ _FFF_ATTRIBUTES = ("activation", "input_width", "leaf_width", "output_width", "n
                    "w1s", "b1s", "w2s", "b2s")
 
 
-class FastFeedForward(nn.Module):
+class FastFeedForward(RecordedSettings, nn.Module):
     """A binary tree of `2**depth - 1` node neurons over `2**depth` leaf MLPs of width `leaf_width`.
 
     Training (module.training): the soft tree of the FFF paper; each node gives sigmoid(logit) to
@@ -69,6 +69,10 @@ class FastFeedForward(nn.Module):
         return (f"input_width={self.input_width}, leaf_width={self.leaf_width}, output_width={self.output_width}, "
                 f"depth={self.depth}, activation={self.activation!r}, train_hardened={self.train_hardened}, "
                 f"backend={self.backend!r}")
+
+    def recorded_settings(self) -> dict:
+        """Recorded in the state dict (RecordedSettings): the leaves' activation is in no tensor's shape."""
+        return {"activation": self.activation}
 
     @classmethod
     def from_fastfeedforward(cls, module: nn.Module, *, backend: str = "auto") -> "FastFeedForward":
