@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the tasks not started after this many seconds (noted in the report), so that "
                              "a run under an outer time limit still writes its report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--replace", action="store_true",
+                        help="let a run of another preset replace the report in the output folder (without it, "
+                             "e.g. a --quick run refuses to overwrite the full report in reports/<device slug>/)")
 
 
 def _report_folder(value: str) -> str:
@@ -198,6 +201,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tritonlab report: {e}", file=sys.stderr)
         return 2
+    existing = _report_preset(out_dir)
+    if existing is not None and existing != preset and not args.replace:
+        # a report holds one preset's shapes; writing another's would drop every row of the old one
+        print(f"tritonlab report: {out_dir} holds a report of preset {existing!r}, which this {preset!r} run would "
+              f"replace{' (its other kernels too)' if args.kernel else ''}; pass --out DIR to write elsewhere, "
+              f"or --replace", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     notes: list[str] = []
     if args.from_benchmark_json:
@@ -236,6 +246,17 @@ def run(args: argparse.Namespace) -> int:
                  extra_env={"preset": preset})
     _print_summary(df, out_dir, time.perf_counter() - t0)
     return 0
+
+
+def _report_preset(out_dir: Path) -> Optional[str]:
+    """The preset of the report in out_dir, or None when the folder holds no report or its
+    environment.json names no preset."""
+    try:
+        env = json.loads((out_dir / "environment.json").read_text())
+    except (OSError, ValueError):
+        return None
+    preset = env.get("preset") if isinstance(env, dict) else None
+    return str(preset) if preset else None
 
 
 def _kept_rows(out_dir: Path, selected: list[cases.Case], preset: str) -> tuple[list[dict], str]:

@@ -358,6 +358,23 @@ def test_partial_run_keeps_the_other_kernels_rows(synthetic_report, tmp_path):
     assert report._kept_rows(out, [toy_case(torch.tanh)], "cpu") == ([], "")  # another preset: nothing kept
 
 
+def test_a_run_of_another_preset_does_not_replace_a_report_unasked(synthetic_report, tmp_path, capsys):
+    """`report --quick --kernel quantize` into a folder holding the full CPU report used to keep none of
+    its rows (they are kept only within one preset) and silently left a report of 4 rows; the run now
+    refuses before measuring, and --replace lets it go ahead."""
+    df, _ = synthetic_report
+    out = report.write_report(df, CEILINGS, tmp_path / "rep", env=dict(ENV), extra_env={"preset": "cpu"})
+    before = (out / "results.csv").read_text()
+    argv = ["report", "--quick", "--kernel", "quantize", "--device", "cpu", "--no-progress", "--out", str(out),
+            "--time-limit", "0"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a report of preset 'cpu'" in err and "--replace" in err
+    assert (out / "results.csv").read_text() == before
+    assert cli_main(argv + ["--replace"]) == 0  # (a time limit of 0 s: every task skipped, and listed)
+    assert json.loads((out / "environment.json").read_text())["preset"] == "quick"
+
+
 def test_profile_command_writes_a_table(tmp_path, capsys):
     """`tritonlab profile` checks our op, then tabulates issue/wall time and the heaviest torch ops."""
     out = tmp_path / "profile.md"
