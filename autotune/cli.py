@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=None, metavar="MIN",
                    help="wall-clock budget for the whole run, in minutes")
     p.add_argument("--max-measurements", type=int, default=None, metavar="N",
-                   help="at most N configs measured per job (default: all, or a quarter for budgeted)")
+                   help="at most N configs of the space measured per job (default: all, or a quarter for "
+                        "budgeted); the heuristic default is timed besides, as the speedup's baseline")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tune in N local processes, one per GPU")
     p.add_argument("--compile-workers", type=int, default=None, metavar="N",
@@ -53,9 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retune", action="store_true", help="tune again what the database already holds")
     p.add_argument("--show", action="store_true", help="list what the tuning database holds and exit")
     p.add_argument("--slug", default=None, type=slug_argument,
-                   help="device slug for --show/--merge (default: this machine's)")
+                   help="device slug for --show (default: this machine's) and --merge (default: the files' own)")
     p.add_argument("--merge", nargs="+", metavar="FILE", default=None,
-                   help="merge database files into this device's (keeps the faster winner per entry)")
+                   help="merge database files into the database of the device they name (or --slug's), in "
+                        "--config-dir; keeps the faster winner per entry")
     p.add_argument("--config-dir", default=None, metavar="DIR",
                    help="database folder to read and write (default: $TRITONLAB_CONFIG_DIR or "
                         "~/.cache/tritonlab/configs); autotune/configs to update the shipped files")

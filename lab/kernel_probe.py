@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .kernels import _tuning
+from .kernels._triton import interpreting
 
 
 def parse_shape(text: str) -> dict[str, int]:
@@ -32,8 +33,9 @@ def parse_shape(text: str) -> dict[str, int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonlab.kernel_probe", description=__doc__.splitlines()[0])
-    p.add_argument("kernel", help="a registered tunable kernel (tritonlab autotune --show lists them)")
+    p = argparse.ArgumentParser(prog="python -m tritonlab.kernel_probe",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("kernel", help="a registered tunable kernel (an unknown name lists them)")
     p.add_argument("shape", help="NAME=INT pairs, e.g. B=64,S=1024,D=768")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--calls", type=int, default=3)
@@ -54,7 +56,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kernel_probe: {e}", file=sys.stderr)
         return 2
     kernel = kernels[args.kernel]
+    examples = [sh for shapes in kernel.presets.values() for sh in shapes]
+    required = set.intersection(*(set(sh) for sh in examples)) if examples else set()
+    if not required <= set(shape):
+        print(f"kernel_probe: {kernel.name} needs the shape names {sorted(required)}, got {sorted(shape)} "
+              f"(e.g. {','.join(f'{k}={v}' for k, v in examples[0].items() if isinstance(v, int))})", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not interpreting():
+        print("kernel_probe: runs the Triton kernel, which needs a CUDA GPU here, or TRITON_INTERPRET=1 to "
+              "interpret it on the CPU (checks the result; there is nothing to profile then)", file=sys.stderr)
+        return 2
     config = _tuning.lookup_config(kernel.name, shape, dtype, device)
     inputs = kernel.make_inputs(shape, dtype, device)
     for _ in range(args.calls):

@@ -151,9 +151,8 @@ def _short(name: str, width: int = 48) -> str:
 
 
 def _fmt_us(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.1f}" if v < 1000 else f"{v / 1000:.2f} ms"
+    """Microseconds, always (the columns say "us"; an "ms" value under them misread by 1000x)."""
+    return "-" if v is None else f"{v:.1f}"
 
 
 def to_markdown(rows: list[dict], device: torch.device, preset: str, calls: int,

@@ -128,6 +128,27 @@ def test_quantized_ffn_refuses_a_checkpoint_of_another_format(saved, target):
     assert torch.equal(same(x), src(x))
 
 
+@pytest.mark.parametrize("given,name", [(nn.ReLU, "relu"), (nn.GELU, "gelu"), (nn.SiLU, "silu"), (nn.Identity, None),
+                                        (nn.Identity(), None), (nn.GELU(approximate="tanh"), "gelu_tanh")])
+def test_quantized_ffn_takes_activation_modules_and_classes(given, name):
+    """The docstring offers nn.ReLU / nn.GELU / nn.SiLU; the classes themselves were refused, and so
+    was nn.Identity (None and "identity" were accepted)."""
+    ffn = tritonlab.QuantizedFFN.from_float(*_linears(), given, "int8", backend="torch")
+    assert ffn.activation == name
+    with pytest.raises(ValueError, match="activation"):
+        tritonlab.QuantizedFFN.from_float(*_linears(), nn.Tanh, "int8")
+
+
+def test_scaled_matmul_path_refuses_what_scaled_matmul_refuses():
+    """It named a path for pairs that scaled_matmul rejects (int8 with fp8, a float32 operand)."""
+    from tritonlab.kernels.quantized import scaled_matmul_path
+    i8, f8 = torch.zeros(4, 8, dtype=torch.int8), torch.zeros(4, 8, dtype=torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="b_q has dtype"):
+        scaled_matmul_path(i8, f8)
+    with pytest.raises(TypeError, match="a_q must have dtype"):
+        scaled_matmul_path(torch.zeros(4, 8), i8)
+
+
 def test_quantized_ffn_biases_are_a_snapshot_of_the_float_layers():
     """from_float quantizes the weights once; the float32 biases were views of linear.bias, so training
     the float layers afterwards changed the quantized module's output."""

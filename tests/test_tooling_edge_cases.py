@@ -307,9 +307,21 @@ def test_kernel_probe_runs_a_registered_kernel_and_checks_it(capsys):
     (["tree_route", "T=x,D=4"], "shape must look like"),
     (["tree_route", "T=4,D=4,depth=1", "--dtype", "float3000"], "--dtype"),
     (["tree_route", "T=4,D=4,depth=1", "--calls", "0"], "--calls"),
+    (["tree_route", "T=10,D=8"], "needs the shape names ['D', 'T', 'depth']"),  # was a KeyError traceback
 ])
 def test_kernel_probe_bad_arguments_exit_2(argv, what, capsys):
     from tritonlab import kernel_probe
 
     assert kernel_probe.main(argv) == 2
     assert what in capsys.readouterr().err
+
+
+def test_kernel_probe_without_a_gpu_or_the_interpreter_says_so(monkeypatch, capsys):
+    """It used to end in Triton's "0 active drivers" traceback."""
+    from tritonlab import kernel_probe
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert kernel_probe.main(["tree_route", "T=4,D=4,depth=1"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err

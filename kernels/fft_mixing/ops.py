@@ -659,8 +659,9 @@ def fnet_mix(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """FNet token mixing: Re(FFT_S(FFT_D(x))), the real part of the 2-D DFT over the last two dims.
 
     Args:
-        x: [..., S, D] float32/float16/bfloat16 (float64 on backend="torch"), any S, D >= 1
-            (backend="triton" up to plans.MAX_SPLIT_M; "auto" runs torch.fft past it).
+        x: [..., S, D] float32/float16/bfloat16 (float64 on backend="torch"), any S >= 1 and D
+            (D = 0 or an empty batch gives an empty result; backend="triton" up to plans.MAX_SPLIT_M,
+            "auto" runs torch.fft past it).
         backend: "auto" | "triton" | "torch" (see DESIGN.md).
     Returns:
         [..., S, D] in x's dtype, float32 math. Unnormalized, as numpy.fft (and FNet). Differentiable

@@ -14,7 +14,11 @@ _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
 _QNAME_OF_STORAGE = {storage: name for name, storage in QDTYPE.items()}
 
 
-def _activation_name(activation: Union[str, nn.Module, None]) -> Optional[str]:
+def _activation_name(activation: Union[str, nn.Module, type, None]) -> Optional[str]:
+    if isinstance(activation, type) and issubclass(activation, (nn.ReLU, nn.GELU, nn.SiLU, nn.Identity)):
+        activation = activation()  # the class, as in nn.Sequential-building code: its default form
+    if isinstance(activation, nn.Identity):
+        return None
     if isinstance(activation, nn.Module):
         if isinstance(activation, nn.GELU):
             return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
@@ -85,13 +89,14 @@ class QuantizedFFN(RecordedSettings, nn.Module):
 
     @classmethod
     def from_float(cls, linear1: nn.Linear, linear2: nn.Linear,
-                   activation: Union[str, nn.Module, None] = "gelu", dtype: QuantDType = "int8",
+                   activation: Union[str, nn.Module, type, None] = "gelu", dtype: QuantDType = "int8",
                    *, backend: str = "auto") -> "QuantizedFFN":
         """Quantize two float nn.Linear layers (D -> H, H -> O) once, per output channel.
 
         Args:
             linear1, linear2: nn.Linear(D, H) and nn.Linear(H, O), biases optional.
-            activation: "relu" | "gelu" | "gelu_tanh" | "silu" | None, or nn.ReLU / nn.GELU / nn.SiLU.
+            activation: "relu" | "gelu" | "gelu_tanh" | "silu" | None, or an nn.ReLU / nn.GELU /
+                nn.SiLU / nn.Identity module or class.
             dtype: "int8" | "fp8_e4m3" | "fp8_e5m2"; weights and activations use the same type.
         """
         for name, lin in (("linear1", linear1), ("linear2", linear2)):

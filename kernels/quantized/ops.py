@@ -119,13 +119,27 @@ def quantize_path(x: torch.Tensor, dtype: QuantDType, *, backend: str = "auto") 
 
 def scaled_matmul_path(a_q: torch.Tensor, b_q: torch.Tensor, *, backend: str = "auto") -> str:
     """Which implementation `scaled_matmul(a_q, ..., b_q, ...)` runs: 'triton', 'torch-int8-exact',
-    'torch-int_mm' or 'torch-fp8-upcast' (see the module docstring)."""
+    'torch-int_mm' or 'torch-fp8-upcast' (see the module docstring). A pair scaled_matmul refuses
+    raises its error here too."""
+    _check_operand_pair(a_q, b_q)
+    return _gemm_path(a_q, b_q, backend)
+
+
+def _gemm_path(a_q: torch.Tensor, b_q: torch.Tensor, backend: str) -> str:
+    """scaled_matmul_path for operands already checked."""
     is_fp8 = a_q.dtype != torch.int8
     if _kernel_backend(backend, a_q.device, fp8_supported if is_fp8 else int8_gemm_supported) == "triton":
         return "triton"
     if is_fp8:
         return "torch-fp8-upcast"
     return "torch-int_mm" if fallback.int8_uses_int_mm(a_q, b_q) else "torch-int8-exact"
+
+
+def _check_operand_pair(a_q: object, b_q: object) -> None:
+    check_tensor("a_q", a_q, ndim=2, dtypes=QUANT_DTYPES)
+    check_tensor("b_q", b_q, ndim=2, dtypes=QUANT_DTYPES)
+    if (a_q.dtype == torch.int8) != (b_q.dtype == torch.int8):
+        raise TypeError(f"b_q has dtype {b_q.dtype} but a_q has {a_q.dtype}: int8 pairs with int8, fp8 with fp8")
 
 
 def _check_scale(name: str, s: object, allowed: list[tuple[int, ...]], what: str) -> torch.Tensor:
@@ -302,7 +316,7 @@ def _(x, qname, granularity, backend):
 def _scaled_matmul_impl(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                       bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype,
                       backend: str) -> torch.Tensor:
-    if scaled_matmul_path(a_q, b_q, backend=backend) == "triton":
+    if _gemm_path(a_q, b_q, backend) == "triton":
         return _scaled_mm_triton(a_q, a_scale, b_q, b_scale, bias, activation, out_dtype)
     return fallback.scaled_matmul_torch(a_q, a_scale, b_q, b_scale, bias, activation, out_dtype)
 
@@ -335,7 +349,7 @@ _scaled_matmul_op.register_autograd(_scaled_matmul_backward, setup_context=_scal
 def _scaled_matmul_quantized_impl(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                                 bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype, qname: str,
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    path = scaled_matmul_path(a_q, b_q, backend=backend)
+    path = _gemm_path(a_q, b_q, backend)
     fusable = b_q.shape[0] <= FUSED_QUANT_MAX_N and quantize_path(a_q, qname, backend=backend) == "triton"
     if path == "triton" and fusable:
         return _scaled_mm_triton(a_q, a_scale, b_q, b_scale, bias, activation, out_dtype, quant_out=qname)
@@ -433,10 +447,7 @@ def scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
         quantizes it in registers (y is never written); otherwise y is stored in out_dtype and then
         quantized. Either way q and scale equal quantize(scaled_matmul(...), quantize_output, "row").
     """
-    check_tensor("a_q", a_q, ndim=2, dtypes=QUANT_DTYPES)
-    check_tensor("b_q", b_q, ndim=2, dtypes=QUANT_DTYPES)
-    if (a_q.dtype == torch.int8) != (b_q.dtype == torch.int8):
-        raise TypeError(f"b_q has dtype {b_q.dtype} but a_q has {a_q.dtype}: int8 pairs with int8, fp8 with fp8")
+    _check_operand_pair(a_q, b_q)
     m, k = a_q.shape
     n = b_q.shape[0]
     if b_q.shape[1] != k:
