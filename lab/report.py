@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shape preset (default: 'models' on a GPU, 'cpu' on a CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to measure")
     parser.add_argument("--out", default=None, type=output_dir_argument,
-                        help="report folder (default reports/<device slug>/)")
+                        help="report folder (default reports/<GPU slug>/, or reports/cpu-<CPU model>/ on a CPU: "
+                             "tuning files name every CPU 'cpu', reports name the model)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                         help="compare two reports (folders or results.csv): B against A; exit 1 on a regression")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--replace", action="store_true",
                         help="let a run of another preset replace the report in the output folder (without it, "
-                             "e.g. a --quick run refuses to overwrite the full report in reports/<device slug>/)")
+                             "e.g. a --quick run refuses to overwrite the full report in the default folder)")
 
 
 def _report_folder(value: str) -> str:
