@@ -8,6 +8,7 @@ backend="triton"/"torch" argument always wins over it.
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -335,29 +336,45 @@ class RecordedSettings:
     load_state_dict refuses a checkpoint made with other settings, naming the setting and both
     values, and loads nothing into the module (nor into its submodules). Without the record, the
     same tensors would load under another setting and compute something else. Checkpoints saved
-    without the record (before it existed, or by hand) load as before, strict or not.
+    without the record (before it existed, or by hand) load as before, strict or not; to load
+    tensors under other settings on purpose, drop the `_extra_state` keys from the dict.
 
-    The record is a dict of str / int / None values (torch.load(weights_only=True) accepts it).
+    The record is a uint8 tensor holding the settings as UTF-8 JSON, not a dict: code that treats
+    every state-dict value as a tensor (EMA copies, safetensors, `{k: v.to(...)}`) keeps working,
+    and a float cast of it still decodes (bytes are exact integers in bf16 and fp16).
     """
 
     def recorded_settings(self) -> dict:
-        """The settings to record, {name: value}."""
+        """The settings to record, {name: str / int / None}."""
         raise NotImplementedError
 
-    def get_extra_state(self) -> dict:
-        return dict(self.recorded_settings())
+    def get_extra_state(self) -> torch.Tensor:
+        text = json.dumps(self.recorded_settings(), sort_keys=True)
+        return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state: object) -> None:
         """Nothing to set: _load_from_state_dict has compared the record with this module's settings."""
 
+    @staticmethod
+    def _decode_settings(record: object) -> Optional[dict]:
+        """The settings in a record (None when there is no readable one: meta, or not ours)."""
+        if not isinstance(record, torch.Tensor) or record.is_meta or record.dim() != 1 or record.is_complex():
+            return None
+        try:
+            found = json.loads(bytes(record.detach().cpu().double().round().to(torch.uint8).tolist()).decode())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return found if isinstance(found, dict) else None
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "_extra_state"
-        theirs = state_dict.get(key)
-        if isinstance(theirs, dict):
+        theirs = self._decode_settings(state_dict.get(key))
+        if theirs is not None:
             ours = self.recorded_settings()
             bad = [f"{key} records {name}={theirs[name]!r}, but this {type(self).__name__} has {name}={value!r}: "
-                   f"build it with {name}={theirs[name]!r} to load this checkpoint"
+                   f"build it with {name}={theirs[name]!r} to load this checkpoint (or drop the _extra_state "
+                   f"keys to load the tensors anyway)"
                    for name, value in ours.items() if name in theirs and theirs[name] != value]
             if bad:
                 error_msgs.extend(bad)

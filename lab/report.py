@@ -1,7 +1,7 @@
 """`tritonlab report`: benchmark every kernel family on this machine and regenerate its report.
 
     tritonlab report                          # all families, the device's default preset, reports/<device>/
-    tritonlab report --quick                  # small CPU shapes, under two minutes
+    tritonlab report --quick --out /tmp/q     # small CPU shapes, under two minutes (not over the full report)
     tritonlab report --kernel tree_routing --kernel quantize --out /tmp/r
     tritonlab report --compare reports/A reports/B   # change between two reports, exit 1 on a regression
     tritonlab report --from-benchmark-json bench.json  # a report from pytest-benchmark's JSON

@@ -400,7 +400,24 @@ def test_counted_grouping_equals_the_sorted_grouping(device, g, t, k, kind, one_
     one-hot counts, larger g one atomic per slot), in slot order for the one-program sort."""
     if one_launch and g > ONE_LAUNCH_MAX_GROUPS:
         pytest.skip("too many groups for the one-program sort")
-    idx = routing(t, k, g, kind, device)
+    _check_counted_grouping(routing(t, k, g, kind, device), g, one_launch)
+
+
+def test_group_plan_across_many_programs_with_a_partial_last_block(device, monkeypatch):
+    """group_plan_kernel with 16 groups a program: 7 programs for G = 100 (the last one partial), each
+    summing the counts of the blocks before it, and surplus tiles shared out among them (max_tiles >
+    BLOCK_G). The real block widths (1024, 16384 under the interpreter) reach several programs only at
+    G = 65536, with every block full."""
+    from tritonlab.kernels.grouped_gemm import grouping as grouping_module
+
+    monkeypatch.setattr(grouping_module, "PLAN_BLOCK_G", 16)
+    monkeypatch.setattr(grouping_module, "PLAN_BLOCK_G_INTERPRETED", 16)
+    for kind in ("uniform", "skew"):
+        _check_counted_grouping(routing(300, 1, 100, kind, device), 100, one_launch=False)
+
+
+def _check_counted_grouping(idx, g, one_launch):
+    t, k = idx.shape
     counted, stable = CountedGrouping(idx, g, block_m=16, one_launch=one_launch), DeviceGrouping(idx, g)
     assert torch.equal(counted.offsets.cpu(), stable.offsets.cpu())
     assert torch.equal(counted.counts.long().cpu(), torch.bincount(idx.reshape(-1).cpu(), minlength=g))

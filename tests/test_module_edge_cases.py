@@ -147,6 +147,8 @@ def test_scaled_matmul_path_refuses_what_scaled_matmul_refuses():
         scaled_matmul_path(i8, f8)
     with pytest.raises(TypeError, match="a_q must have dtype"):
         scaled_matmul_path(torch.zeros(4, 8), i8)
+    with pytest.raises(ValueError, match="b_q must be \\[N, K\\] with K = 8"):
+        scaled_matmul_path(i8, torch.zeros(6, 9, dtype=torch.int8))
 
 
 def test_quantized_ffn_biases_are_a_snapshot_of_the_float_layers():
@@ -332,10 +334,25 @@ def test_quantized_ffn_refuses_a_checkpoint_of_another_activation():
     l1, l2 = _linears()
     src = tritonlab.QuantizedFFN.from_float(l1, l2, "relu", "int8", backend="torch")
     dst = tritonlab.QuantizedFFN.from_float(*_linears(), "gelu", "int8", backend="torch")
+    before = {n: b.clone() for n, b in dst.named_buffers()}
     with pytest.raises(RuntimeError, match="records activation='relu', but this QuantizedFFN has activation='gelu'"):
         dst.load_state_dict(_reload(src))
-    x = rand(5, 16)
-    assert not torch.equal(dst(x), src(x))  # nothing was loaded
+    for n, b in dst.named_buffers():  # nothing was loaded
+        assert torch.equal(b.view(torch.uint8), before[n].view(torch.uint8)), n
+
+
+def test_the_record_is_a_tensor_that_survives_casts():
+    """Code that treats every state-dict value as a tensor (an EMA copy, safetensors, a dtype cast of
+    the whole dict) must keep working; a bf16 cast of the record still refuses the wrong module."""
+    src = nn.Sequential(FFTTokenMixer(8, 16, "filter"), tritonlab.LeafMLP(3, 8, 5, 4, "relu"))
+    sd = src.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    cast = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    with pytest.raises(RuntimeError, match="records seq_len=16"):
+        nn.Sequential(FFTTokenMixer(8, 17, "filter"), tritonlab.LeafMLP(3, 8, 5, 4, "relu")).load_state_dict(cast)
+    with pytest.raises(RuntimeError, match="records activation='relu'"):
+        nn.Sequential(FFTTokenMixer(8, 16, "filter"), tritonlab.LeafMLP(3, 8, 5, 4, "gelu")).load_state_dict(cast)
+    nn.Sequential(FFTTokenMixer(8, 16, "filter"), tritonlab.LeafMLP(3, 8, 5, 4, "relu")).load_state_dict(cast)
 
 
 @pytest.mark.parametrize("make", [

@@ -55,6 +55,12 @@ ONE_LAUNCH_MAX_SLOTS = 1024
 ONE_LAUNCH_MAX_GROUPS = 512
 
 
+#: groups per program of group_plan_kernel. Each program first sums the counts of all blocks before
+#: its own (G / BLOCK_G loads): cheap on a GPU, but the interpreter pays per block op, ~1 s a program
+#: at G = 65536 with 1024 lanes; there wider blocks run the same code with 16x fewer programs
+PLAN_BLOCK_G, PLAN_BLOCK_G_INTERPRETED = 1024, 16384
+
+
 def sorts_in_one_launch(num_slots: int, num_groups: int) -> bool:
     """Whether CountedGrouping groups this problem in one launch (group_sort_kernel), needing no counts."""
     return num_slots <= ONE_LAUNCH_MAX_SLOTS and num_groups <= ONE_LAUNCH_MAX_GROUPS
@@ -193,10 +199,8 @@ class CountedGrouping:
         n = self.max_tiles(block_m)
         tile_group = torch.empty(n, dtype=torch.int32, device=self.counts.device)
         tile_row = torch.empty(n, dtype=torch.int32, device=self.counts.device)
-        # each program first sums the counts of all blocks before its own (G / BLOCK_G loads): cheap on
-        # a GPU, but the interpreter pays per block op, ~1 s a program at G = 65536 with 1024 lanes;
-        # there wider blocks run the same code with 16x fewer programs and loop trips
-        block_g = min(16384 if interpreting() else 1024, max(16, next_pow2(self.num_groups)))
+        cap = PLAN_BLOCK_G_INTERPRETED if interpreting() else PLAN_BLOCK_G
+        block_g = min(cap, max(16, next_pow2(self.num_groups)))
         group_plan_kernel[(cdiv(self.num_groups, block_g),)](
             self.counts, self.offsets, tile_group, tile_row, self.num_groups, n,
             WRITE_OFFSETS=write_offsets, BLOCK_M=block_m, BLOCK_G=block_g)

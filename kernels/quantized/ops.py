@@ -140,6 +140,8 @@ def _check_operand_pair(a_q: object, b_q: object) -> None:
     check_tensor("b_q", b_q, ndim=2, dtypes=QUANT_DTYPES)
     if (a_q.dtype == torch.int8) != (b_q.dtype == torch.int8):
         raise TypeError(f"b_q has dtype {b_q.dtype} but a_q has {a_q.dtype}: int8 pairs with int8, fp8 with fp8")
+    if b_q.shape[1] != a_q.shape[1]:
+        raise ValueError(f"b_q must be [N, K] with K = {a_q.shape[1]} (a_q's dim 1), got {tuple(b_q.shape)}")
 
 
 def _check_scale(name: str, s: object, allowed: list[tuple[int, ...]], what: str) -> torch.Tensor:
@@ -450,8 +452,6 @@ def scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b
     _check_operand_pair(a_q, b_q)
     m, k = a_q.shape
     n = b_q.shape[0]
-    if b_q.shape[1] != k:
-        raise ValueError(f"b_q must be [N, K] with K = {k} (a_q's dim 1), got {tuple(b_q.shape)}")
     if a_q.dtype == torch.int8 and k > INT8_MAX_K:  # past it the int32 sums can wrap: silently wrong signs
         raise ValueError(f"a_q: int8 GEMMs accumulate exactly in int32, which holds K <= {INT8_MAX_K}, got K = {k}; "
                          "split K into chunks or use fp8")
