@@ -202,6 +202,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tritonlab report: {e}", file=sys.stderr)
         return 2
+    json_rows = None
+    if args.from_benchmark_json:  # read first: its rows name the preset they were measured at
+        try:
+            json_rows, json_notes, json_preset = rows_from_benchmark_json(args.from_benchmark_json, args.kernel)
+        except (OSError, ValueError) as e:
+            print(f"tritonlab report --from-benchmark-json: {e}", file=sys.stderr)
+            return 2
+        preset = json_preset or preset
     existing = _report_preset(out_dir)
     if existing is not None and existing != preset and not args.replace:
         # a report holds one preset's shapes; writing another's would drop every row of the old one
@@ -211,12 +219,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     notes: list[str] = []
-    if args.from_benchmark_json:
-        try:
-            rows, json_notes = rows_from_benchmark_json(args.from_benchmark_json, args.kernel)
-        except (OSError, ValueError) as e:
-            print(f"tritonlab report --from-benchmark-json: {e}", file=sys.stderr)
-            return 2
+    if json_rows is not None:
+        rows = json_rows
         notes += json_notes
         source = f"pytest-benchmark JSON {os.path.basename(args.from_benchmark_json)}"
     else:
@@ -666,10 +670,12 @@ def run_compare(path_a: str, path_b: str, threshold: float = DEFAULT_THRESHOLD, 
 # ----------------------------------------------------------------------------- pytest-benchmark
 
 
-def rows_from_benchmark_json(path: str, kernels: Optional[list[str]] = None) -> tuple[list[dict], list[str]]:
+def rows_from_benchmark_json(path: str, kernels: Optional[list[str]] = None
+                             ) -> tuple[list[dict], list[str], Optional[str]]:
     """Result rows from pytest-benchmark's JSON (tests/bench_cpu.py puts each row's metadata in
-    extra_info). p20/p80 come from the raw samples when the JSON has them (--benchmark-save-data),
-    else from the quartiles."""
+    extra_info), notes, and the shape preset the rows name (None when they name none, or several).
+    p20/p80 come from the raw samples when the JSON has them (--benchmark-save-data), else from the
+    quartiles."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -677,7 +683,7 @@ def rows_from_benchmark_json(path: str, kernels: Optional[list[str]] = None) -> 
         raise ValueError(f"{path} is not JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks", []), list):
         raise ValueError(f"{path} is not pytest-benchmark JSON (no list of benchmarks)")
-    rows, notes, quartiles = [], [], False
+    rows, notes, quartiles, presets = [], [], False, set()
     for bm in data.get("benchmarks", []):
         if not isinstance(bm, dict) or not isinstance(bm.get("extra_info") or {}, dict):
             raise ValueError(f"{path}: a benchmark that is not a pytest-benchmark record: {str(bm)[:80]}")
@@ -695,6 +701,7 @@ def rows_from_benchmark_json(path: str, kernels: Optional[list[str]] = None) -> 
         else:
             quartiles = True
             med, p20, p80 = 1e3 * stats["median"], 1e3 * stats.get("q1", math.nan), 1e3 * stats.get("q3", math.nan)
+        presets.add(info.get("preset"))
         row = {c: info.get(c) for c in bench.RESULT_COLUMNS}
         row.update(median_ms=med, p20_ms=p20, p80_ms=p80, reps=stats.get("rounds"), timer="pytest-benchmark",
                    status=info.get("status", "ok"), note=info.get("note") or "")
@@ -704,7 +711,8 @@ def rows_from_benchmark_json(path: str, kernels: Optional[list[str]] = None) -> 
                  "own, not interleaved")
     if quartiles:
         notes.append("the JSON has no raw samples (run with --benchmark-save-data): p20/p80 hold the quartiles")
-    return rows, notes
+    named = presets.pop() if len(presets) == 1 else None
+    return rows, notes, named if isinstance(named, str) and named else None
 
 
 def main(argv: Optional[list[str]] = None) -> int:  # `python -m tritonlab.report`

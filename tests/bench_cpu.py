@@ -51,4 +51,5 @@ def test_cpu_benchmark(benchmark, monkeypatch, case, shape, dtype, provider):
         pytest.fail(f"{provider} {row['status']}: {row['note']} (not timed)")
     benchmark.group = f"{case.kernel} {cases.shape_label(shape)} {dtype}"
     benchmark.extra_info.update({k: v for k, v in row.items() if k in bench.RESULT_COLUMNS and v is not None})
+    benchmark.extra_info["preset"] = PRESET  # `tritonlab report --from-benchmark-json` labels the report with it
     benchmark(checked.ready[provider].fn)

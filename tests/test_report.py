@@ -339,7 +339,8 @@ def test_report_from_benchmark_json(tmp_path):
                                      "q1": secs * 0.95, "q3": secs * 1.1, "rounds": 7, "iterations": 1}})
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"machine_info": {}, "datetime": "2025-01-01T00:00:00", "benchmarks": benchmarks}))
-    rows, notes = report.rows_from_benchmark_json(str(path))
+    rows, notes, preset = report.rows_from_benchmark_json(str(path))
+    assert preset is None  # these rows name no preset
     df = bench.finalize(bench.to_frame(rows))
     ours = df[df["role"] == "ours"].iloc[0]
     assert ours["median_ms"] == pytest.approx(2.0) and ours["p20_ms"] == pytest.approx(1.9)
@@ -372,6 +373,26 @@ def test_a_run_of_another_preset_does_not_replace_a_report_unasked(synthetic_rep
     assert "holds a report of preset 'cpu'" in err and "--replace" in err
     assert (out / "results.csv").read_text() == before
     assert cli_main(argv + ["--replace"]) == 0  # (a time limit of 0 s: every task skipped, and listed)
+    assert json.loads((out / "environment.json").read_text())["preset"] == "quick"
+
+
+def test_a_benchmark_json_report_takes_its_preset_from_the_json(synthetic_report, tmp_path, capsys):
+    """tests/bench_cpu.py records TRITONLAB_BENCH_PRESET in each row; the report is labelled with it,
+    and the preset guard compares it (the CLI default 'cpu' would have let a 'quick' JSON replace the
+    full CPU report)."""
+    info = {k: v for k, v in bench._row(toy_case(torch.tanh), {"T": 64, "D": 7}, "float32", "tritonlab", "ours", CPU,
+                                        rel_err=0.0, tolerance=5e-6, status="ok").items() if v is not None}
+    stats = {"min": 0.001, "max": 0.002, "mean": 0.0015, "median": 0.0015, "q1": 0.0014, "q3": 0.0016, "rounds": 5}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"datetime": "2025-01-01T00:00:00", "benchmarks": [
+        {"name": "t", "extra_info": dict(info, preset="quick"), "stats": stats}]}))
+    assert report.rows_from_benchmark_json(str(path))[2] == "quick"
+    df, _ = synthetic_report
+    out = report.write_report(df, CEILINGS, tmp_path / "rep", env=dict(ENV), extra_env={"preset": "cpu"})
+    argv = ["report", "--from-benchmark-json", str(path), "--device", "cpu", "--out", str(out)]
+    assert cli_main(argv) == 2
+    assert "holds a report of preset 'cpu', which this 'quick' run" in capsys.readouterr().err
+    assert cli_main(argv + ["--replace"]) == 0
     assert json.loads((out / "environment.json").read_text())["preset"] == "quick"
 
 
