@@ -74,10 +74,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "rewritten after every job")
 
 
+def _is_number(v: object) -> bool:
+    """A real number of a database entry (a hand-edited one may hold a string or a bool instead)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _fmt_ms(v: Optional[float]) -> str:
     if v is None:
         return "-"
-    if isinstance(v, bool) or not isinstance(v, (int, float)):  # a hand-edited entry: show it as it is
+    if not _is_number(v):  # a hand-edited entry: show it as it is
         return str(v)
     return f"{v:.4f}" if v < 1 else f"{v:.3f}"
 
@@ -85,7 +90,7 @@ def _fmt_ms(v: Optional[float]) -> str:
 def _fmt_speedup(v) -> str:
     if v is None:
         return "-"
-    return f"{v:.2f}x" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+    return f"{v:.2f}x" if _is_number(v) else str(v)
 
 
 def _fmt_config(cfg: Optional[dict]) -> str:
@@ -97,7 +102,7 @@ def _fmt_shape(shape: dict) -> str:
 
 
 def _geomean(values: list[float]) -> Optional[float]:
-    vals = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf]
+    vals = [v for v in values if _is_number(v) and 0 < v < math.inf]
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
 
 
